@@ -1,0 +1,52 @@
+"""robustlab: adversarial robustness for PyTorch — attack, train, certify, evaluate.
+
+The curated public API::
+
+    import robustlab as rl
+    model = rl.create_model("small_cnn", num_classes=10, in_channels=1, input_size=28)
+    data = rl.load_dataset("mnist5k", "test")
+    rl.clean_accuracy(rl.load("runs/demo-mnist"), data)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from robustlab import data, evaluate, models, nn, train  # noqa: E402
+from robustlab.config import TrainConfig, load_config  # noqa: E402
+from robustlab.data import ImageDataset, load_dataset  # noqa: E402
+from robustlab.errors import (  # noqa: E402
+    CheckpointError,
+    ConfigError,
+    DataError,
+    RobustlabError,
+    UnknownNameError,
+)
+from robustlab.evaluate import clean_accuracy  # noqa: E402
+from robustlab.io import load  # noqa: E402
+from robustlab.models import Normalize, create_model  # noqa: E402
+from robustlab.train import Recipe, Trainer  # noqa: E402
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "ImageDataset",
+    "Normalize",
+    "Recipe",
+    "RobustlabError",
+    "TrainConfig",
+    "Trainer",
+    "UnknownNameError",
+    "__version__",
+    "clean_accuracy",
+    "create_model",
+    "data",
+    "evaluate",
+    "load",
+    "load_config",
+    "load_dataset",
+    "models",
+    "nn",
+    "train",
+]

@@ -1,0 +1,90 @@
+"""A small name -> object registry shared by models, datasets and recipes.
+
+One registry per kind drives the factory functions, ``robustlab list`` and the
+parametrised tests at once, so adding an entry is one decorator.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+from robustlab.errors import UnknownNameError, did_you_mean
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Maps names to builders (classes or functions).
+
+    Args:
+        kind: what the entries are, used in error messages ("model", "dataset").
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str | None = None) -> Callable[[T], T]:
+        """Decorator that registers its target under ``name`` (default: its ``__name__``)."""
+
+        def wrap(obj: T) -> T:
+            key = name or obj.__name__  # type: ignore[attr-defined]
+            if key in self._entries:
+                raise ValueError(f"{self.kind} {key!r} is already registered")
+            self._entries[key] = obj
+            return obj
+
+        return wrap
+
+    def get(self, name: str) -> T:
+        """Return the entry called ``name``; unknown names raise with a suggestion."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}{did_you_mean(name, self._entries)} "
+                f"(available: {', '.join(sorted(self._entries))})"
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def summary(self, name: str) -> str:
+        """First line of the entry's docstring."""
+        doc = inspect.getdoc(self.get(name)) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], what: str) -> None:
+    """Raise a clear error when ``kwargs`` holds a name ``fn`` does not accept.
+
+    Args:
+        fn: the builder that will receive the keyword arguments.
+        kwargs: the keyword arguments taken from a config or a caller.
+        what: how to call the builder in the message ("model 'small_cnn'").
+    """
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [
+        n
+        for n, p in params.items()
+        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    for key in kwargs:
+        if key not in accepted:
+            raise UnknownNameError(
+                f"{what} has no option {key!r}{did_you_mean(key, accepted)} "
+                f"(options: {', '.join(accepted)})"
+            )

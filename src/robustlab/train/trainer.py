@@ -1,0 +1,427 @@
+"""The training loop: method-agnostic, resumable, data-parallel, mixed precision.
+
+The trainer knows nothing of any training method. It builds the data, the model and
+the optimiser from a :class:`~robustlab.config.TrainConfig`, asks the recipe for the
+loss of each batch, and owns everything else: devices, ``torchrun`` data parallelism,
+AMP on CUDA, gradient clipping, learning-rate schedules, checkpoints and metrics.
+
+Reproducibility and resume. Shuffling and augmentation are functions of
+``(seed, epoch, batch)``; the global RNG (dropout, random attack starts) is re-seeded
+from ``(seed, rank, epoch, batch)`` at every checkpoint boundary; learning rates are
+functions of the global step. A checkpoint therefore needs only the model, the
+optimiser, the gradient scaler, the recipe state and the position, and a run killed
+at any point and resumed reaches the same weights as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from robustlab import io
+from robustlab.config import TrainConfig, dump_config, to_dict
+from robustlab.data import BatchLoader, load_dataset
+from robustlab.data.loader import batch_seed
+from robustlab.errors import CheckpointError, ConfigError, RobustlabError
+from robustlab.evaluate.clean import count_correct
+from robustlab.models import create_model
+from robustlab.train.distributed import DistContext, init_distributed, local_rank, resolve_device
+from robustlab.train.optim import build_optimizer, lr_at
+from robustlab.train.recipes import Recipe, create_recipe
+
+log = logging.getLogger(__name__)
+
+#: Testing hook: SIGKILL this process right after this global step (and its checkpoint).
+KILL_ENV = "ROBUSTLAB_KILL_AT_STEP"
+# Config keys that may differ when resuming (extending a run); everything else must match.
+_RESUMABLE_CHANGES = {"epochs", "eval_every"}
+
+
+# ----------------------------------------------------------------------------- state codec
+
+
+def encode_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """Split a nested state (dicts, lists, tensors, scalars) into JSON plus named tensors."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj
+        return {"__tensor__": prefix}
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) for k in obj):
+            return {k: encode_state(v, tensors, f"{prefix}/{k}") for k, v in obj.items()}
+        return {"__items__": [[k, encode_state(v, tensors, f"{prefix}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [encode_state(v, tensors, f"{prefix}/{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a value of type {type(obj).__name__} at {prefix!r}")
+
+
+def decode_state(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`encode_state`."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__items__"}:
+            return {k: decode_state(v, tensors) for k, v in obj["__items__"]}
+        return {k: decode_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_state(v, tensors) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return Recipe.unwrap(model)
+
+
+def _progress_enabled(flag: bool | None, dist_ctx: DistContext) -> bool | None:
+    if not dist_ctx.is_main:
+        return True  # tqdm's `disable=True`
+    if flag is None:
+        env = os.environ.get("ROBUSTLAB_PROGRESS")
+        return None if env is None else env == "0"  # None: tqdm decides (off when not a TTY)
+    return not flag
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict) and k != "options":
+            keys += _config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Train a model as a config describes, writing a run directory.
+
+    Args:
+        cfg: the validated configuration.
+        resume: continue from ``checkpoint.safetensors`` in the run directory if present.
+        overwrite: replace an existing run directory's results instead of refusing.
+        progress: show progress bars (default: only when writing to a terminal).
+
+    Example:
+        >>> cfg = load_config("configs/demo-mnist.yaml", ["epochs=2"])
+        >>> run_dir = Trainer(cfg).fit()
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool | None = None
+    ) -> None:
+        self.cfg = cfg.validate()
+        self.resume, self.overwrite = resume, overwrite
+        self.run_dir = Path(cfg.out_dir) / cfg.name
+        self.device = resolve_device(cfg.device, local_rank())
+        self.dist = init_distributed(self.device)
+        self.progress = _progress_enabled(progress, self.dist)
+        if cfg.data.batch_size % self.dist.world_size:
+            raise ConfigError(
+                f"data.batch_size ({cfg.data.batch_size}) is the global batch and must be divisible "
+                f"by the number of processes ({self.dist.world_size})"
+            )
+        self._build()
+
+    # -- construction --------------------------------------------------------------------
+
+    def _build(self) -> None:
+        cfg, dc = self.cfg, self.cfg.data
+        seed_everything(cfg.seed + self.dist.rank)
+        train = load_dataset(dc.name, "train", dc.root, **dc.options)
+        test = load_dataset(dc.name, "test", dc.root, **dc.options)
+        if dc.train_limit:
+            train = train.subset(dc.train_limit)
+        if dc.test_limit:
+            test = test.subset(dc.test_limit)
+        if test.num_classes != train.num_classes or test.shape != train.shape:
+            raise RobustlabError(
+                f"train and test splits disagree: {train.num_classes} vs {test.num_classes} classes, "
+                f"images {train.shape} vs {test.shape}"
+            )
+        self.train_data, self.test_data = train, test
+        c, h, w = train.shape
+        spec_kwargs: dict[str, Any] = dict(
+            num_classes=train.num_classes, in_channels=c, input_size=[h, w], act=cfg.model.act,
+            **cfg.model.options,
+        )  # fmt: skip
+        if dc.normalize:
+            spec_kwargs.update(mean=list(train.mean), std=list(train.std))
+        self.model_spec = {"name": cfg.model.name, "kwargs": spec_kwargs}
+        model = create_model(cfg.model.name, **spec_kwargs)
+        self.recipe: Recipe = create_recipe(
+            cfg.recipe.name, label_smoothing=cfg.label_smoothing, **cfg.recipe.options
+        )
+        model = self.recipe.prepare(model).to(self.device)
+        if self.dist.enabled and cfg.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model  # the unwrapped training model; checkpoints hold its state
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        else:
+            self.ddp_model = model
+        self.optimizer = build_optimizer(cfg.optim, model.parameters())
+        per_rank = dc.batch_size // self.dist.world_size
+        self.loader = BatchLoader(
+            train, per_rank, shuffle=True, drop_last=len(train) >= dc.batch_size,
+            crop_padding=dc.crop_padding, flip=dc.flip, seed=cfg.seed, device=self.device,
+            rank=self.dist.rank, world_size=self.dist.world_size,
+        )  # fmt: skip
+        self.test_loader = BatchLoader(
+            test, dc.eval_batch_size, device=self.device, rank=self.dist.rank, world_size=self.dist.world_size
+        )
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        if amp_dtype is not None and self.device.type != "cuda":
+            log.warning("amp=%s is for CUDA only; training in float32 on %s", cfg.amp, self.device)
+            amp_dtype = None
+        self.amp_dtype = amp_dtype
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"no training batches: {len(train)} images, batch_size {dc.batch_size}")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        # position and running sums of the current epoch
+        self.epoch, self.batch, self.global_step = 0, 0, 0
+        self.sums: dict[str, float] = {}
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def _checkpoint_path(self) -> Path:
+        return self.run_dir / io.CHECKPOINT_FILE
+
+    def save_checkpoint(self) -> None:
+        """Write the full training state (rank 0), atomically."""
+        if self.dist.is_main:
+            tensors: dict[str, torch.Tensor] = {}
+            state = {
+                "epoch": self.epoch,
+                "batch": self.batch,
+                "global_step": self.global_step,
+                "sums": self.sums,
+                "config": to_dict(self.cfg),
+                "model": encode_state(self.model.state_dict(), tensors, "model"),
+                "optimizer": encode_state(self.optimizer.state_dict(), tensors, "optimizer"),
+                "scaler": encode_state(self.scaler.state_dict(), tensors, "scaler"),
+                "recipe": encode_state(self.recipe.state_dict(), tensors, "recipe"),
+            }
+            io.save_tensors(self._checkpoint_path(), tensors, state)
+        self.dist.barrier()
+
+    def _load_checkpoint(self, path: Path) -> None:
+        tensors, state = io.load_tensors(path)
+        if not isinstance(state, dict) or "model" not in state:
+            raise CheckpointError(f"{path} is not a robustlab training checkpoint")
+        changed = [k for k in _config_diff(state["config"], to_dict(self.cfg)) if k not in _RESUMABLE_CHANGES]
+        if changed:
+            raise CheckpointError(
+                f"cannot resume {self.run_dir}: the config differs from the checkpoint's at "
+                f"{', '.join(changed)} (only {', '.join(sorted(_RESUMABLE_CHANGES))} may change)"
+            )
+        io.load_state_dict_strict(self.model, decode_state(state["model"], tensors), str(path))
+        self.optimizer.load_state_dict(decode_state(state["optimizer"], tensors))
+        self.scaler.load_state_dict(decode_state(state["scaler"], tensors))
+        self.recipe.load_state_dict(decode_state(state["recipe"], tensors))
+        self.epoch, self.batch = state["epoch"], state["batch"]
+        self.global_step, self.sums = state["global_step"], dict(state["sums"])
+        log.info("resumed %s at epoch %d, batch %d", self.run_dir, self.epoch + 1, self.batch)
+
+    def _prepare_run_dir(self) -> None:
+        ckpt = self._checkpoint_path()
+        resuming = self.resume and ckpt.is_file()
+        occupied = self.run_dir.exists() and any(self.run_dir.iterdir())
+        if not resuming and occupied and not (self.overwrite or self.resume):
+            raise RobustlabError(
+                f"run directory {self.run_dir} already exists: resume it (--resume), replace it "
+                f"(--overwrite) or choose another name (--set name=...)"
+            )
+        self.dist.barrier()  # every rank has looked before rank 0 writes
+        if resuming:
+            self._load_checkpoint(ckpt)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resuming:
+                self._truncate_metrics()
+            else:
+                for name in (io.MODEL_FILE, io.CHECKPOINT_FILE, io.METRICS_FILE, "eval.json"):
+                    (self.run_dir / name).unlink(missing_ok=True)
+            io.atomic_write_text(self.run_dir / io.CONFIG_FILE, dump_config(self.cfg))
+            self._write_meta(status="running")
+        self.dist.barrier()
+
+    def _write_meta(self, status: str, final: dict[str, Any] | None = None) -> None:
+        meta = {
+            "format": io.FORMAT_VERSION,
+            "status": status,
+            "model": self.recipe.export_spec(self.model_spec),
+            "data": {"name": self.cfg.data.name, "root": self.cfg.data.root, "options": self.cfg.data.options},
+            "recipe": {"name": self.cfg.recipe.name, "options": self.cfg.recipe.options},
+            "world_size": self.dist.world_size,
+            "versions": io.versions(),
+            "git_commit": io.git_commit(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "final": final or {},
+        }
+        io.write_json(self.run_dir / io.META_FILE, meta)
+
+    def _truncate_metrics(self) -> None:
+        path = self.run_dir / io.METRICS_FILE
+        if not path.is_file():
+            return
+        import json
+
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        keep = [r for r in rows if json.loads(r)["epoch"] <= self.epoch]  # epochs are 1-based
+        io.atomic_write_text(path, "".join(r + "\n" for r in keep))
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _reseed(self) -> None:
+        seed_everything(batch_seed(self.cfg.seed, self.dist.rank, self.epoch, self.batch))
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        lr = lr_at(self.cfg.optim, self.global_step, self.steps_per_epoch, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.recipe.progress = self.epoch + self.batch / self.steps_per_epoch
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            out = self.recipe.loss(self.ddp_model, x, y)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise RobustlabError(
+                f"the loss is {loss.item()} at epoch {self.epoch + 1}, batch {self.batch}: "
+                "lower optim.lr, or set optim.grad_clip"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        n = float(y.numel())
+        sums = self.sums
+        sums["n"] = sums.get("n", 0.0) + n
+        sums["correct"] = sums.get("correct", 0.0) + float((out["logits"].argmax(1) == y).sum())
+        for key, value in out.items():
+            if key != "logits" and isinstance(value, torch.Tensor) and value.ndim == 0:
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
+        sums["lr"] = lr
+
+    def _epoch_metrics(self, seconds: float) -> dict[str, Any]:
+        keys = sorted(k for k in self.sums if k not in ("lr",))
+        totals = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64)
+        totals = dict(zip(keys, self.dist.all_reduce_sum(totals).tolist()))
+        n = totals.pop("n")
+        row: dict[str, Any] = {"epoch": self.epoch + 1, "lr": self.sums.get("lr", 0.0)}
+        row["train_acc"] = totals.pop("correct") / n
+        for key, value in totals.items():
+            row[f"train_{key}"] = value / n
+        last = self.epoch + 1 == self.cfg.epochs
+        if (self.cfg.eval_every and (self.epoch + 1) % self.cfg.eval_every == 0) or last or self.recipe.stop_training:
+            row["test_acc"] = self.evaluate()
+        row["seconds"] = round(seconds, 3)
+        return row
+
+    def evaluate(self) -> float:
+        """Clean test accuracy of the current model (sharded over processes)."""
+        correct, total = count_correct(self.model, self.test_loader)
+        counts = self.dist.all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64))
+        return float(counts[0] / counts[1])
+
+    def fit(self) -> Path:
+        """Train to the end (or resume to the end); returns the run directory."""
+        try:
+            return self._fit()
+        finally:
+            self.dist.close()
+
+    def _fit(self) -> Path:
+        cfg = self.cfg
+        self._prepare_run_dir()
+        kill_at = int(os.environ.get(KILL_ENV, "0"))
+        self.ddp_model.train()
+        last_row: dict[str, Any] = {}
+        epochs = tqdm(range(self.epoch, cfg.epochs), desc="epochs", disable=self.progress, initial=self.epoch, total=cfg.epochs)
+        for epoch in epochs:
+            self.epoch = epoch
+            self.loader.set_epoch(epoch)
+            start, t0 = self.batch, time.perf_counter()
+            bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}", leave=False, disable=self.progress)
+            for x, y in self.loader.batches(start):
+                if self.batch == start or (cfg.checkpoint_every and self.batch % cfg.checkpoint_every == 0):
+                    self._reseed()
+                self._train_step(x, y)
+                self.batch += 1
+                self.global_step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.sums['loss'] / self.sums['n']:.3f}", acc=f"{self.sums['correct'] / self.sums['n']:.3f}")
+                if cfg.checkpoint_every and self.batch % cfg.checkpoint_every == 0 and self.batch < self.steps_per_epoch:
+                    self.save_checkpoint()
+                if kill_at and self.global_step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            bar.close()
+            extra = self.recipe.on_epoch_end(self.model, epoch)
+            row = {**self._epoch_metrics(time.perf_counter() - t0), **extra}
+            last_row = row
+            if self.dist.is_main:
+                import json
+
+                with open(self.run_dir / io.METRICS_FILE, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+            log.info(
+                "epoch %d/%d  loss %.4f  train acc %.4f%s  (%.1f s)", epoch + 1, cfg.epochs,
+                row.get("train_loss", math.nan), row["train_acc"],
+                f"  test acc {row['test_acc']:.4f}" if "test_acc" in row else "", row["seconds"],
+            )  # fmt: skip
+            self.epoch, self.batch, self.sums = epoch + 1, 0, {}
+            self.save_checkpoint()
+            epochs.set_postfix(test_acc=row.get("test_acc"))
+            if self.recipe.stop_training:
+                log.info("recipe %s stopped training after epoch %d", cfg.recipe.name, epoch + 1)
+                break
+        epochs.close()
+        return self._finish(last_row)
+
+    def _finish(self, last_row: dict[str, Any]) -> Path:
+        exported = self.recipe.export(self.model)
+        if not last_row:  # resumed a run that had already finished all epochs
+            last_row = {"test_acc": self.evaluate()} if self.dist.is_main or self.dist.enabled else {}
+        if self.dist.is_main:
+            io.save_model(exported, self.run_dir / io.MODEL_FILE)
+            final = {k: last_row[k] for k in ("epoch", "train_acc", "test_acc") if k in last_row}
+            self._write_meta(status="complete", final=final)
+        self.dist.barrier()
+        return self.run_dir
+
+
+def train(cfg: TrainConfig, **kwargs: Any) -> Path:
+    """Train as ``cfg`` describes; see :class:`Trainer` for the keyword arguments."""
+    return Trainer(cfg, **kwargs).fit()
