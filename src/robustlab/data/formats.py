@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -270,7 +271,7 @@ def npz(split: str = "train", root: str | None = None, num_classes: int | None =
                     f"npz: {path} needs arrays 'x'/'y' or 'x_{split}'/'y_{split}', has {sorted(keys)}"
                 )
             x_arr, y_arr = arrays[xk], arrays[yk]
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(f"npz: cannot read {path} ({err})") from None
     if y_arr.dtype.kind not in "iu":
         raise DataError(f"npz: labels {yk!r} must be integers, got {y_arr.dtype}")

@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests run on CPU; tests marked `gpu` skip without CUDA."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("ROBUSTLAB_PROGRESS", "0")  # no progress bars in test logs
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """A config for a few-second training run on small synthetic images."""
+    from robustlab.config import load_config
+
+    def make(*overrides: str):
+        base = [
+            f"out_dir={tmp_path / 'runs'}",
+            "name=tiny",
+            "epochs=2",
+            "data.name=synthetic",
+            "data.options={size: 12, n_train: 256, n_test: 128, num_classes: 4}",
+            "data.batch_size=32",
+            "model.name=small_cnn",
+            "optim.name=adam",
+            "optim.lr=0.003",
+            "optim.schedule=constant",
+        ]
+        return load_config(None, base + list(overrides))
+
+    return make
