@@ -41,7 +41,10 @@ def test_dump_then_load_round_trips(tmp_path):
         ("epoch=5", r"unknown config key 'epoch'; did you mean 'epochs'"),
         ("optim.lrr=0.1", r"unknown config key 'optim.lrr'; did you mean 'optim.lr'"),
         ("dta.name=x", r"unknown config key 'dta'; did you mean 'data'"),
-        ("model.activation=silu", r"unknown config key 'model.activation'.*valid keys under model: name, act, options"),
+        (
+            "model.activation=silu",
+            r"unknown config key 'model.activation'.*valid keys under model: name, act, options",
+        ),
         ("epochs=ten", r"epochs: expected an integer, got 'ten'"),
         ("epochs=2.5", r"epochs: expected an integer"),
         ("optim.lr=fast", r"optim.lr: expected a number"),

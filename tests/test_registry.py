@@ -21,7 +21,9 @@ def test_register_get_and_suggest():
 
     assert reg.get("alpha") is alpha and "alpha" in reg and len(reg) == 1
     assert reg.summary("alpha") == "The first widget."
-    with pytest.raises(UnknownNameError, match=r"unknown widget 'alpa'; did you mean 'alpha'.*available: alpha"):
+    with pytest.raises(
+        UnknownNameError, match=r"unknown widget 'alpa'; did you mean 'alpha'.*available: alpha"
+    ):
         reg.get("alpa")
     with pytest.raises(ValueError, match="already registered"):
         reg.register("alpha")(alpha)

@@ -12,20 +12,20 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from robustlab import data, evaluate, models, nn, train  # noqa: E402
-from robustlab.config import TrainConfig, load_config  # noqa: E402
-from robustlab.data import ImageDataset, load_dataset  # noqa: E402
-from robustlab.errors import (  # noqa: E402
+from robustlab import data, evaluate, models, nn, train
+from robustlab.config import TrainConfig, load_config
+from robustlab.data import ImageDataset, load_dataset
+from robustlab.errors import (
     CheckpointError,
     ConfigError,
     DataError,
     RobustlabError,
     UnknownNameError,
 )
-from robustlab.evaluate import clean_accuracy  # noqa: E402
-from robustlab.io import load  # noqa: E402
-from robustlab.models import Normalize, create_model  # noqa: E402
-from robustlab.train import Recipe, Trainer  # noqa: E402
+from robustlab.evaluate import clean_accuracy
+from robustlab.io import load
+from robustlab.models import Normalize, create_model
+from robustlab.train import Recipe, Trainer
 
 __all__ = [
     "CheckpointError",

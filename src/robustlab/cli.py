@@ -1,8 +1,8 @@
 """The ``robustlab`` command line: a thin front end, every command is a library call.
 
-    robustlab train CONFIG.yaml [--set key=value ...] [--resume | --overwrite]
-    robustlab eval RUN [--split test] [--n N]
-    robustlab list models|datasets|recipes|activations
+robustlab train CONFIG.yaml [--set key=value ...] [--resume | --overwrite]
+robustlab eval RUN [--split test] [--n N]
+robustlab list models|datasets|recipes|activations
 """
 
 from __future__ import annotations
@@ -66,7 +66,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from robustlab.nn import ACTIVATIONS
     from robustlab.train import RECIPES
 
-    registry = {"models": MODELS, "datasets": DATASETS, "recipes": RECIPES, "activations": ACTIVATIONS}[args.what]
+    registry = {
+        "models": MODELS,
+        "datasets": DATASETS,
+        "recipes": RECIPES,
+        "activations": ACTIVATIONS,
+    }[args.what]
     width = max(len(n) for n in registry.names())
     for name in registry.names():
         print(f"{name:<{width}}  {registry.summary(name)}".rstrip())
@@ -75,7 +80,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="robustlab", description="Adversarial robustness for PyTorch: attack, train, certify, evaluate."
+        prog="robustlab",
+        description="Adversarial robustness for PyTorch: attack, train, certify, evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"robustlab {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -84,10 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", help="YAML config (see configs/)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
+    )
     p.add_argument("--out-dir", help="parent directory of the run (default: the config's out_dir)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    group.add_argument(
+        "--resume", action="store_true", help="continue from the run's last checkpoint"
+    )
     group.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.set_defaults(func=_cmd_train)
 
@@ -109,12 +119,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``robustlab`` console script and ``python -m robustlab``."""
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     from robustlab.errors import RobustlabError
 
     try:
         return args.func(args)
-    except RobustlabError as err:
+    except (RobustlabError, ValueError) as err:  # bad input: a message, not a traceback
+        if args.verbose:
+            raise
         print(f"robustlab: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -103,7 +103,10 @@ class TrainConfig:
             (0 < self.optim.pct_start < 1, "optim.pct_start must lie in (0, 1)"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.eval_every >= 0, "eval_every must be >= 0"),
-            (self.optim.grad_clip is None or self.optim.grad_clip > 0, "optim.grad_clip must be > 0"),
+            (
+                self.optim.grad_clip is None or self.optim.grad_clip > 0,
+                "optim.grad_clip must be > 0",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -147,7 +150,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+        return (
+            [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+            if args
+            else list(value)
+        )
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")

@@ -69,7 +69,9 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: Any =
     atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=header))
 
 
-def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], Any]:
+def load_tensors(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], Any]:
     """Read a safetensors file written by :func:`save_tensors`; returns (tensors, meta)."""
     path = Path(path)
     if not path.is_file():
@@ -80,7 +82,9 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
         meta = json.loads(header["robustlab"]) if "robustlab" in header else None
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path} is truncated or not a valid safetensors file ({err})") from None
+        raise CheckpointError(
+            f"{path} is truncated or not a valid safetensors file ({err})"
+        ) from None
     return tensors, meta
 
 
@@ -98,7 +102,9 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], whe
             parts.append(f"unexpected {unexpected[:5]}")
         if wrong:
             k = wrong[0]
-            parts.append(f"shape of {k!r}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}")
+            parts.append(
+                f"shape of {k!r}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+            )
         raise CheckpointError(f"{where} does not match the model: {'; '.join(parts)}")
     model.load_state_dict(state)
 
@@ -126,7 +132,11 @@ def git_commit() -> str | None:
     """The git commit of the robustlab source tree, or None outside a git checkout."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -169,7 +179,9 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> nn.Mo
         spec = meta["model"]
         model = create_model(spec["name"], **spec["kwargs"])
     except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{run / META_FILE} lacks a valid model description ({err})") from None
+        raise CheckpointError(
+            f"{run / META_FILE} lacks a valid model description ({err})"
+        ) from None
     weights = run / MODEL_FILE
     if not weights.is_file():
         hint = (

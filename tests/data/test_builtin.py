@@ -35,7 +35,7 @@ def test_synthetic_shapes_seeds_and_determinism():
     assert a.x.shape == (60, 3, 16, 16) and a.num_classes == 3
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
     assert not torch.equal(a.x, c.x)
-    assert 0.0 <= float(a.x.min()) and float(a.x.max()) <= 1.0
+    assert float(a.x.min()) >= 0.0 and float(a.x.max()) <= 1.0
 
 
 def test_synthetic_is_learnable_but_not_trivial():

@@ -73,7 +73,11 @@ def test_cifar100_fine_and_coarse_labels(tmp_path, fmt, label):
             rows = np.concatenate([coarse[:, None], fine[:, None], x.reshape(5, -1)], axis=1)
             (tmp_path / f"{split}.bin").write_bytes(rows.astype(np.uint8).tobytes())
         else:
-            batch = {b"data": x.reshape(5, -1), b"fine_labels": list(fine), b"coarse_labels": list(coarse)}
+            batch = {
+                b"data": x.reshape(5, -1),
+                b"fine_labels": list(fine),
+                b"coarse_labels": list(coarse),
+            }
             (tmp_path / split).write_bytes(pickle.dumps(batch, protocol=4))
     data = load_dataset("cifar100", "test", str(tmp_path), label=label)
     np.testing.assert_array_equal(data.x.numpy(), x)
@@ -118,7 +122,9 @@ class _Exploit:
 def test_restricted_unpickler_refuses_code(tmp_path):
     target = str(tmp_path / "pwned")
     payload = pickle.dumps({b"data": _Exploit(target)}, protocol=2)
-    with pytest.raises(DataError, match=r"refusing to unpickle posix\.mkdir|refusing to unpickle os\.mkdir"):
+    with pytest.raises(
+        DataError, match=r"refusing to unpickle posix\.mkdir|refusing to unpickle os\.mkdir"
+    ):
         safe_load(payload)
     assert not os.path.exists(target)
 
@@ -137,7 +143,11 @@ def test_malicious_cifar_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_restricted_unpickler_admits_arrays_and_containers(protocol):
-    obj = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": [1, 2.5, "s", b"x", None], "c": (True,)}
+    obj = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": [1, 2.5, "s", b"x", None],
+        "c": (True,),
+    }
     out = safe_load(pickle.dumps(obj, protocol=protocol), encoding="latin1")
     np.testing.assert_array_equal(out["a"], obj["a"])
     assert out["b"] == obj["b"] and out["c"] == obj["c"]
@@ -258,7 +268,13 @@ def test_imagefolder_errors(tmp_path):
 def test_npz_nhwc_uint8_and_split_keys(tmp_path):
     x_train = RNG.integers(0, 256, (6, 5, 5, 3), dtype=np.uint8)
     x_test = RNG.random((4, 3, 5, 5)).astype(np.float32)
-    np.savez(tmp_path / "d.npz", x_train=x_train, y_train=np.arange(6) % 3, x_test=x_test, y_test=np.arange(4) % 3)
+    np.savez(
+        tmp_path / "d.npz",
+        x_train=x_train,
+        y_train=np.arange(6) % 3,
+        x_test=x_test,
+        y_test=np.arange(4) % 3,
+    )
     train = load_dataset("npz", "train", str(tmp_path / "d.npz"))
     np.testing.assert_array_equal(train.x.numpy(), x_train.transpose(0, 3, 1, 2))
     test = load_dataset("npz", "test", str(tmp_path / "d.npz"), num_classes=3)
@@ -277,14 +293,29 @@ def test_npz_directory_and_greyscale(tmp_path):
 @pytest.mark.parametrize(
     "x, y, kwargs, message",
     [
-        (np.zeros((2, 1, 4, 4), np.uint8), np.array([0, 12]), {"num_classes": 10}, r"label 12 is out of range.*0\.\.9"),
+        (
+            np.zeros((2, 1, 4, 4), np.uint8),
+            np.array([0, 12]),
+            {"num_classes": 10},
+            r"label 12 is out of range.*0\.\.9",
+        ),
         (np.zeros((2, 1, 4, 4), np.uint8), np.array([0, -1]), {}, "label -1 is out of range"),
-        (np.full((2, 1, 4, 4), 3.0, np.float32), np.array([0, 1]), {}, r"float pixels lie in \[3, 3\]"),
+        (
+            np.full((2, 1, 4, 4), 3.0, np.float32),
+            np.array([0, 1]),
+            {},
+            r"float pixels lie in \[3, 3\]",
+        ),
         (np.full((2, 1, 4, 4), np.nan, np.float32), np.array([0, 1]), {}, "contain NaN"),
         (np.zeros((2, 16), np.uint8), np.array([0, 1]), {}, "must have 3 or 4 dimensions"),
         (np.zeros((2, 1, 4, 4), np.uint8), np.array([0, 1, 1]), {}, "2 images but labels of shape"),
         (np.zeros((2, 1, 4, 4), np.uint8), np.array([0.5, 1.0]), {}, "labels 'y' must be integers"),
-        (np.full((2, 1, 4, 4), 300, np.int32), np.array([0, 1]), {}, r"integer pixels must lie in 0\.\.255"),
+        (
+            np.full((2, 1, 4, 4), 300, np.int32),
+            np.array([0, 1]),
+            {},
+            r"integer pixels must lie in 0\.\.255",
+        ),
     ],
 )
 def test_npz_bad_contents_are_named(tmp_path, x, y, kwargs, message):

@@ -102,7 +102,9 @@ def test_create_model_with_normalization_puts_it_first():
 def test_bad_model_arguments_are_named():
     with pytest.raises(ValueError, match="unknown model 'small_cn'; did you mean 'small_cnn'"):
         create_model("small_cn")
-    with pytest.raises(ValueError, match="model 'wide_resnet' has no option 'dept'; did you mean 'depth'"):
+    with pytest.raises(
+        ValueError, match="model 'wide_resnet' has no option 'dept'; did you mean 'depth'"
+    ):
         create_model("wide_resnet", dept=16)
     with pytest.raises(ValueError, match="depth must be 6n \\+ 4"):
         create_model("wide_resnet", depth=12)

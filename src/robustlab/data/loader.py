@@ -21,11 +21,17 @@ from robustlab.data.base import ImageDataset, to_float
 
 def batch_seed(*keys: int) -> int:
     """A well-mixed 63-bit seed derived from integer keys."""
-    return int(np.random.SeedSequence([abs(int(k)) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([abs(int(k)) for k in keys]).generate_state(2, np.uint64)[0] >> 1
+    )
 
 
 def augment_batch(
-    x: torch.Tensor, *, crop_padding: int = 0, flip: bool = False, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    *,
+    crop_padding: int = 0,
+    flip: bool = False,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Random crop with zero padding and random horizontal flip, per sample, in one shot.
 
@@ -117,7 +123,11 @@ class BatchLoader:
         return torch.arange(self.rank, len(self.y), self.world_size)
 
     def __len__(self) -> int:
-        n = len(self._sampler) if self._sampler is not None else len(range(self.rank, len(self.y), self.world_size))
+        n = (
+            len(self._sampler)
+            if self._sampler is not None
+            else len(range(self.rank, len(self.y), self.world_size))
+        )
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -39,7 +39,11 @@ class RestrictedUnpickler(pickle.Unpickler):
                 "containers and numpy arrays"
             )
         # numpy 2 moved numpy.core to numpy._core; try the new path first (no warning).
-        rest = module.split("core.", 1)[1] if module.startswith(("numpy.core.", "numpy._core.")) else ""
+        rest = (
+            module.split("core.", 1)[1]
+            if module.startswith(("numpy.core.", "numpy._core."))
+            else ""
+        )
         candidates = [f"numpy._core.{rest}", f"numpy.core.{rest}"] if rest else [module]
         for candidate in candidates:
             try:

@@ -19,7 +19,9 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def count_correct(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, int]:
+def count_correct(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[int, int]:
     """(correct, total) of ``model``'s top-1 predictions over ``batches``, in eval mode.
 
     The model's train/eval mode is restored afterwards.
@@ -37,7 +39,11 @@ def count_correct(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
 
 
 def clean_accuracy(
-    model: nn.Module, data: ImageDataset, *, batch_size: int = 500, device: torch.device | str | None = None
+    model: nn.Module,
+    data: ImageDataset,
+    *,
+    batch_size: int = 500,
+    device: torch.device | str | None = None,
 ) -> float:
     """Top-1 accuracy on ``data`` (fraction in [0, 1]); the device defaults to the model's.
 

@@ -53,7 +53,11 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin: int, width: int, stride: int, act: ActSpec):
         super().__init__()
-        self.conv1, self.bn1, self.act1 = _conv3x3(cin, width, stride), nn.BatchNorm2d(width), make_activation(act)
+        self.conv1, self.bn1, self.act1 = (
+            _conv3x3(cin, width, stride),
+            nn.BatchNorm2d(width),
+            make_activation(act),
+        )
         self.conv2, self.bn2 = _conv3x3(width, width), nn.BatchNorm2d(width)
         self.shortcut = _shortcut(cin, width, stride, with_bn=True)
         self.act2 = make_activation(act)
@@ -73,8 +77,16 @@ class Bottleneck(nn.Module):
     def __init__(self, cin: int, width: int, stride: int, act: ActSpec):
         super().__init__()
         cout = width * self.expansion
-        self.conv1, self.bn1, self.act1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), make_activation(act)
-        self.conv2, self.bn2, self.act2 = _conv3x3(width, width, stride), nn.BatchNorm2d(width), make_activation(act)
+        self.conv1, self.bn1, self.act1 = (
+            nn.Conv2d(cin, width, 1, bias=False),
+            nn.BatchNorm2d(width),
+            make_activation(act),
+        )
+        self.conv2, self.bn2, self.act2 = (
+            _conv3x3(width, width, stride),
+            nn.BatchNorm2d(width),
+            make_activation(act),
+        )
         self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
         self.shortcut = _shortcut(cin, cout, stride, with_bn=True)
         self.act3 = make_activation(act)
@@ -128,7 +140,9 @@ class ResNet(nn.Module):
                 nn.BatchNorm2d(64), make_activation(act), nn.MaxPool2d(3, stride=2, padding=1),
             )  # fmt: skip
         else:
-            self.stem = nn.Sequential(_conv3x3(in_channels, 64), nn.BatchNorm2d(64), make_activation(act))
+            self.stem = nn.Sequential(
+                _conv3x3(in_channels, 64), nn.BatchNorm2d(64), make_activation(act)
+            )
         layers, cin = [], 64
         for i, n in enumerate(blocks):
             width = 64 * 2**i
@@ -147,7 +161,13 @@ class WideResNet(nn.Module):
     """Wide ResNet-depth-width (Zagoruyko & Komodakis 2016), pre-activation blocks."""
 
     def __init__(
-        self, depth: int, width: int, num_classes: int, in_channels: int, act: ActSpec, dropout: float
+        self,
+        depth: int,
+        width: int,
+        num_classes: int,
+        in_channels: int,
+        act: ActSpec,
+        dropout: float,
     ):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
@@ -178,7 +198,10 @@ def _imagenet_stem(stem: str, input_size: int | Sequence[int]) -> bool:
 
 @MODELS.register("preact_resnet18")
 def preact_resnet18(
-    num_classes: int = 10, in_channels: int = 3, input_size: int | Sequence[int] = 32, act: ActSpec = "relu"
+    num_classes: int = 10,
+    in_channels: int = 3,
+    input_size: int | Sequence[int] = 32,
+    act: ActSpec = "relu",
 ) -> nn.Module:
     """PreAct ResNet-18 (He et al. 2016), the CIFAR-10 model of fast adversarial training."""
     return PreActResNet([2, 2, 2, 2], num_classes, in_channels, act)
@@ -192,7 +215,9 @@ def _resnet(block, blocks):  # type: ignore[no-untyped-def]
         act: ActSpec = "relu",
         stem: str = "auto",
     ) -> nn.Module:
-        return ResNet(block, blocks, num_classes, in_channels, act, _imagenet_stem(stem, input_size))
+        return ResNet(
+            block, blocks, num_classes, in_channels, act, _imagenet_stem(stem, input_size)
+        )
 
     return build
 

@@ -16,14 +16,20 @@ from robustlab.config import OptimConfig
 from robustlab.errors import ConfigError
 
 
-def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: OptimConfig, params: Iterable[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov), Adam or AdamW from the config."""
     params = [p for p in params if p.requires_grad]
     if cfg.name == "sgd":
         if cfg.nesterov and cfg.momentum <= 0:
             raise ConfigError("optim.nesterov needs optim.momentum > 0")
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
         )
     if len(cfg.betas) != 2:
         raise ConfigError(f"optim.betas needs two values, got {cfg.betas}")

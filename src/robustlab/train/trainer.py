@@ -58,7 +58,9 @@ def encode_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any
     if isinstance(obj, Mapping):
         if all(isinstance(k, str) for k in obj):
             return {k: encode_state(v, tensors, f"{prefix}/{k}") for k, v in obj.items()}
-        return {"__items__": [[k, encode_state(v, tensors, f"{prefix}/{k}")] for k, v in obj.items()]}
+        return {
+            "__items__": [[k, encode_state(v, tensors, f"{prefix}/{k}")] for k, v in obj.items()]
+        }
     if isinstance(obj, (list, tuple)):
         return [encode_state(v, tensors, f"{prefix}/{i}") for i, v in enumerate(obj)]
     if obj is None or isinstance(obj, (bool, int, float, str)):
@@ -135,7 +137,12 @@ class Trainer:
     """
 
     def __init__(
-        self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool | None = None
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool | None = None,
     ) -> None:
         self.cfg = cfg.validate()
         self.resume, self.overwrite = resume, overwrite
@@ -145,7 +152,8 @@ class Trainer:
         self.progress = _progress_enabled(progress, self.dist)
         if cfg.data.batch_size % self.dist.world_size:
             raise ConfigError(
-                f"data.batch_size ({cfg.data.batch_size}) is the global batch and must be divisible "
+                f"data.batch_size ({cfg.data.batch_size}) is the global batch and must be "
+                "divisible "
                 f"by the number of processes ({self.dist.world_size})"
             )
         self._build()
@@ -163,7 +171,8 @@ class Trainer:
             test = test.subset(dc.test_limit)
         if test.num_classes != train.num_classes or test.shape != train.shape:
             raise RobustlabError(
-                f"train and test splits disagree: {train.num_classes} vs {test.num_classes} classes, "
+                f"train and test splits disagree: {train.num_classes} vs {test.num_classes} "
+                "classes, "
                 f"images {train.shape} vs {test.shape}"
             )
         self.train_data, self.test_data = train, test
@@ -181,6 +190,11 @@ class Trainer:
         )
         model = self.recipe.prepare(model).to(self.device)
         if self.dist.enabled and cfg.sync_bn:
+            if self.device.type != "cuda":
+                raise ConfigError(
+                    "sync_bn needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); on "
+                    f"{self.device.type}, each process normalises over its own share of the batch"
+                )
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model  # the unwrapped training model; checkpoints hold its state
         if self.dist.enabled:
@@ -196,7 +210,11 @@ class Trainer:
             rank=self.dist.rank, world_size=self.dist.world_size,
         )  # fmt: skip
         self.test_loader = BatchLoader(
-            test, dc.eval_batch_size, device=self.device, rank=self.dist.rank, world_size=self.dist.world_size
+            test,
+            dc.eval_batch_size,
+            device=self.device,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         if amp_dtype is not None and self.device.type != "cuda":
@@ -206,7 +224,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"no training batches: {len(train)} images, batch_size {dc.batch_size}")
+            raise ConfigError(
+                f"no training batches: {len(train)} images, batch_size {dc.batch_size}"
+            )
         self.total_steps = cfg.epochs * self.steps_per_epoch
         # position and running sums of the current epoch
         self.epoch, self.batch, self.global_step = 0, 0, 0
@@ -239,7 +259,11 @@ class Trainer:
         tensors, state = io.load_tensors(path)
         if not isinstance(state, dict) or "model" not in state:
             raise CheckpointError(f"{path} is not a robustlab training checkpoint")
-        changed = [k for k in _config_diff(state["config"], to_dict(self.cfg)) if k not in _RESUMABLE_CHANGES]
+        changed = [
+            k
+            for k in _config_diff(state["config"], to_dict(self.cfg))
+            if k not in _RESUMABLE_CHANGES
+        ]
         if changed:
             raise CheckpointError(
                 f"cannot resume {self.run_dir}: the config differs from the checkpoint's at "
@@ -281,7 +305,11 @@ class Trainer:
             "format": io.FORMAT_VERSION,
             "status": status,
             "model": self.recipe.export_spec(self.model_spec),
-            "data": {"name": self.cfg.data.name, "root": self.cfg.data.root, "options": self.cfg.data.options},
+            "data": {
+                "name": self.cfg.data.name,
+                "root": self.cfg.data.root,
+                "options": self.cfg.data.options,
+            },
             "recipe": {"name": self.cfg.recipe.name, "options": self.cfg.recipe.options},
             "world_size": self.dist.world_size,
             "versions": io.versions(),
@@ -311,7 +339,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.recipe.progress = self.epoch + self.batch / self.steps_per_epoch
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        with torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+        ):
             out = self.recipe.loss(self.ddp_model, x, y)
         loss = out["loss"]
         if not torch.isfinite(loss):
@@ -345,7 +377,11 @@ class Trainer:
         for key, value in totals.items():
             row[f"train_{key}"] = value / n
         last = self.epoch + 1 == self.cfg.epochs
-        if (self.cfg.eval_every and (self.epoch + 1) % self.cfg.eval_every == 0) or last or self.recipe.stop_training:
+        if (
+            (self.cfg.eval_every and (self.epoch + 1) % self.cfg.eval_every == 0)
+            or last
+            or self.recipe.stop_training
+        ):
             row["test_acc"] = self.evaluate()
         row["seconds"] = round(seconds, 3)
         return row
@@ -369,21 +405,42 @@ class Trainer:
         kill_at = int(os.environ.get(KILL_ENV, "0"))
         self.ddp_model.train()
         last_row: dict[str, Any] = {}
-        epochs = tqdm(range(self.epoch, cfg.epochs), desc="epochs", disable=self.progress, initial=self.epoch, total=cfg.epochs)
+        epochs = tqdm(
+            range(self.epoch, cfg.epochs),
+            desc="epochs",
+            disable=self.progress,
+            initial=self.epoch,
+            total=cfg.epochs,
+        )
         for epoch in epochs:
             self.epoch = epoch
             self.loader.set_epoch(epoch)
             start, t0 = self.batch, time.perf_counter()
-            bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}", leave=False, disable=self.progress)
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=start,
+                desc=f"epoch {epoch + 1}",
+                leave=False,
+                disable=self.progress,
+            )
             for x, y in self.loader.batches(start):
-                if self.batch == start or (cfg.checkpoint_every and self.batch % cfg.checkpoint_every == 0):
+                if self.batch == start or (
+                    cfg.checkpoint_every and self.batch % cfg.checkpoint_every == 0
+                ):
                     self._reseed()
                 self._train_step(x, y)
                 self.batch += 1
                 self.global_step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{self.sums['loss'] / self.sums['n']:.3f}", acc=f"{self.sums['correct'] / self.sums['n']:.3f}")
-                if cfg.checkpoint_every and self.batch % cfg.checkpoint_every == 0 and self.batch < self.steps_per_epoch:
+                bar.set_postfix(
+                    loss=f"{self.sums['loss'] / self.sums['n']:.3f}",
+                    acc=f"{self.sums['correct'] / self.sums['n']:.3f}",
+                )
+                if (
+                    cfg.checkpoint_every
+                    and self.batch % cfg.checkpoint_every == 0
+                    and self.batch < self.steps_per_epoch
+                ):
                     self.save_checkpoint()
                 if kill_at and self.global_step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -413,7 +470,9 @@ class Trainer:
     def _finish(self, last_row: dict[str, Any]) -> Path:
         exported = self.recipe.export(self.model)
         if not last_row:  # resumed a run that had already finished all epochs
-            last_row = {"test_acc": self.evaluate()} if self.dist.is_main or self.dist.enabled else {}
+            last_row = (
+                {"test_acc": self.evaluate()} if self.dist.is_main or self.dist.enabled else {}
+            )
         if self.dist.is_main:
             io.save_model(exported, self.run_dir / io.MODEL_FILE)
             final = {k: last_row[k] for k in ("epoch", "train_acc", "test_acc") if k in last_row}
