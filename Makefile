@@ -13,13 +13,15 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "torchattacks==3.5.1"  # peer for tests; --no-deps: its torchvision pin would pull CUDA torch
 	@rm -f $(VENV)/.installed-* && touch $@
 
 setup: $(STAMP)
 
 demo: setup
 	$(BIN)/robustlab train configs/demo-mnist.yaml --overwrite
-	$(BIN)/robustlab eval runs/demo-mnist
+	$(BIN)/robustlab eval runs/demo-mnist --attacks quick --eps 0.05,0.1,0.2 --n 500 --state runs/demo-mnist/demo_eval_state.json
+	$(BIN)/robustlab attack runs/demo-mnist --attack pgd:steps=40 --eps 0.2 --n 8 --out runs/demo-mnist/adv.npz
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" -q

@@ -40,3 +40,20 @@ def tiny_config(tmp_path):
         return load_config(None, base + list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_mnist_model():
+    """small_cnn trained briefly on mnist5k (about 90% test accuracy), and the test split."""
+    import robustlab as rl
+    from robustlab.data import BatchLoader
+
+    torch.manual_seed(0)
+    train, test = rl.load_dataset("mnist5k", "train"), rl.load_dataset("mnist5k", "test")
+    model = rl.create_model("lenet", in_channels=1, input_size=28, mean=train.mean, std=train.std)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for x, y in BatchLoader(train, 64, shuffle=True):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval(), test

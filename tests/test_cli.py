@@ -85,3 +85,51 @@ def test_argparse_rejects_unknown_commands(capsys):
         main(["trian"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'trian'" in capsys.readouterr().err
+
+
+def test_eval_with_attacks_and_attack_command(tiny_config, tmp_path, capsys):
+    import numpy as np
+
+    from robustlab import Trainer
+    from robustlab.attacks import lp_norm
+
+    run = Trainer(tiny_config("epochs=1")).fit()
+    assert (
+        main(["eval", str(run), "--attacks", "fgsm,pgd:steps=3", "--eps", "0.05,0.1", "--n", "40"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "linf robust accuracy, 40 points" in out and "worst case" in out
+    result = json.loads((run / "eval.json").read_text())
+    assert [r["eps"] for r in result["robust"]["results"]] == [0.05, 0.1]
+    assert result["robust"]["clean_accuracy"] == result["clean_accuracy"]
+    assert (run / "eval_state.json").is_file()
+
+    out_npz = tmp_path / "adv.npz"
+    assert (
+        main(
+            [
+                "attack",
+                str(run),
+                "--attack",
+                "pgd:steps=5",
+                "--eps",
+                "0.1",
+                "--n",
+                "6",
+                "--out",
+                str(out_npz),
+            ]
+        )
+        == 0
+    )
+    arrays = np.load(out_npz)
+    assert arrays["x_adv"].shape == arrays["x"].shape == (6, 1, 12, 12)
+    import torch
+
+    delta = torch.from_numpy(arrays["x_adv"] - arrays["x"])
+    assert float(lp_norm(delta, "linf").max()) <= 0.1 + 1e-6
+    assert np.array_equal(arrays["success"], arrays["pred_adv"] != arrays["y"])
+    png = out_npz.with_suffix(".png")
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "success rate" in capsys.readouterr().out

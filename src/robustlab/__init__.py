@@ -3,16 +3,17 @@
 The curated public API::
 
     import robustlab as rl
-    model = rl.create_model("small_cnn", num_classes=10, in_channels=1, input_size=28)
-    data = rl.load_dataset("mnist5k", "test")
-    rl.clean_accuracy(rl.load("runs/demo-mnist"), data)
+    model = rl.load("runs/demo-mnist")
+    test = rl.load_dataset("mnist5k", "test")
+    x_adv = rl.attacks.PGD(model, eps=0.1, steps=40)(test.float_images()[:64], test.y[:64])
+    report = rl.evaluate(model, test, attacks=["standard"], eps=[0.1, 0.2], n=500)
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from robustlab import data, evaluate, models, nn, train
+from robustlab import attacks, data, models, nn, train
 from robustlab.config import TrainConfig, load_config
 from robustlab.data import ImageDataset, load_dataset
 from robustlab.errors import (
@@ -22,7 +23,7 @@ from robustlab.errors import (
     RobustlabError,
     UnknownNameError,
 )
-from robustlab.evaluate import clean_accuracy
+from robustlab.evaluate import clean_accuracy, evaluate
 from robustlab.io import load
 from robustlab.models import Normalize, create_model
 from robustlab.train import Recipe, Trainer
@@ -39,6 +40,7 @@ __all__ = [
     "Trainer",
     "UnknownNameError",
     "__version__",
+    "attacks",
     "clean_accuracy",
     "create_model",
     "data",

@@ -39,28 +39,96 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def _split_floats(text: str | None) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()] if text else []
+
+
+def _load_run_data(run: Path, split: str, n: int):
     from robustlab.data import load_dataset
-    from robustlab.evaluate import clean_accuracy
-    from robustlab.io import META_FILE, load, read_json, write_json
+    from robustlab.io import META_FILE, read_json
+
+    meta = read_json(run / META_FILE)["data"]
+    data = load_dataset(meta["name"], split, meta.get("root"), **meta.get("options", {}))
+    return (data.subset(n) if n else data), meta["name"]
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from robustlab.evaluate import clean_accuracy, evaluate
+    from robustlab.io import load, write_json
 
     run = Path(args.run)
     model = load(run, device=args.device)
-    meta = read_json(run / META_FILE)["data"]
-    data = load_dataset(meta["name"], args.split, meta.get("root"), **meta.get("options", {}))
-    if args.n:
-        data = data.subset(args.n)
-    acc = clean_accuracy(model, data, batch_size=args.batch_size)
-    result = {"split": args.split, "n": len(data), "clean_accuracy": acc}
-    write_json(run / "eval.json", result)
+    data, name = _load_run_data(run, args.split, args.n)
+    eps = _split_floats(args.eps)
+    result: dict = {"split": args.split, "n": len(data)}
     print(f"run             {run}")
-    print(f"data            {meta['name']} {args.split} ({len(data)} images)")
-    print(f"clean accuracy  {100 * acc:.2f}%")
+    print(f"data            {name} {args.split} ({len(data)} images)")
+    if not eps:
+        result["clean_accuracy"] = clean_accuracy(model, data, batch_size=args.batch_size)
+        print(f"clean accuracy  {100 * result['clean_accuracy']:.2f}%")
+    else:
+        attacks = [a for a in (args.attacks or "quick").split(",") if a]
+        state = Path(args.state) if args.state else run / "eval_state.json"
+        report = evaluate(
+            model, data, attacks=attacks, eps=eps, norm=args.norm, batch_size=args.batch_size,
+            seed=args.seed, state_file=state,
+        )  # fmt: skip
+        result.update(clean_accuracy=report.clean_accuracy, robust=report.to_dict())
+        print(report.table())
+    write_json(run / "eval.json", result)
     print(f"written         {run / 'eval.json'}")
     return 0
 
 
+def _cmd_attack(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from robustlab.attacks import lp_norm
+    from robustlab.data import to_float
+    from robustlab.evaluate.plots import save_adversarial_grid
+    from robustlab.evaluate.robustness import AttackSpec
+    from robustlab.io import atomic_write, load
+
+    run = Path(args.run)
+    model = load(run, device=args.device)
+    data, _ = _load_run_data(run, args.split, args.n)
+    device = next(model.parameters()).device
+    x, y = to_float(data.x).to(device), data.y.to(device)
+    torch.manual_seed(args.seed)
+    attack = AttackSpec.parse(args.attack).build(model, args.eps, args.norm, args.seed)
+    result = attack.run(x, y)
+    with torch.no_grad():
+        logits_clean, logits_adv = model(x), model(result.x_adv)
+    out = Path(args.out)
+    arrays = {
+        "x": x.cpu().numpy(), "x_adv": result.x_adv.cpu().numpy(), "y": y.cpu().numpy(),
+        "pred_clean": logits_clean.argmax(1).cpu().numpy(),
+        "pred_adv": logits_adv.argmax(1).cpu().numpy(),
+        "success": result.success.cpu().numpy(),
+    }  # fmt: skip
+
+    def write_npz(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+    atomic_write(out, write_npz)
+    png = save_adversarial_grid(
+        x, result.x_adv, y, logits_clean, logits_adv, out.with_suffix(".png"), data.classes
+    )
+    norms = lp_norm(result.x_adv - x, args.norm)
+    print(f"attack          {args.attack} ({args.norm}, eps {args.eps:g}) on {len(y)} images")
+    print(f"success rate    {100 * float(result.success.float().mean()):.2f}%")
+    print(
+        f"perturbation    mean {float(norms.mean()):.4f}, max {float(norms.max()):.4f} "
+        f"({args.norm})"
+    )
+    print(f"written         {out} and {png}")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
+    from robustlab.attacks import ATTACKS
     from robustlab.data import DATASETS
     from robustlab.models import MODELS
     from robustlab.nn import ACTIVATIONS
@@ -71,6 +139,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         "datasets": DATASETS,
         "recipes": RECIPES,
         "activations": ACTIVATIONS,
+        "attacks": ATTACKS,
     }[args.what]
     width = max(len(n) for n in registry.names())
     for name in registry.names():
@@ -101,16 +170,43 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a trained run")
+    p = sub.add_parser("eval", help="clean and robust accuracy of a trained run")
     p.add_argument("run", help="run directory")
+    p.add_argument(
+        "--attacks",
+        help="comma-separated attacks or suites: quick, standard, pgd, apgd-ce, "
+        "apgd-t, square, ... with options as pgd:steps=40:restarts=5 (default: quick)",
+    )
+    p.add_argument(
+        "--eps", help="comma-separated budgets in pixel units, e.g. 0.1,0.2,0.3 (none: clean only)"
+    )
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--n", type=int, default=0, help="use the first N images (default: all)")
     p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--state", help="resumable state file (default: RUN/eval_state.json)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cpu)")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("list", help="list registered models, datasets, recipes or activations")
-    p.add_argument("what", choices=["models", "datasets", "recipes", "activations"])
+    p = sub.add_parser(
+        "attack", help="attack a trained run; save adversarial examples and a PNG grid"
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("--attack", required=True, help="attack name with options, e.g. pgd:steps=40")
+    p.add_argument("--eps", type=float, required=True, help="budget in pixel units")
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--n", type=int, default=16, help="attack the first N images (default: 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="adv.npz", help="output .npz (the grid goes beside it as .png)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_attack)
+
+    p = sub.add_parser(
+        "list", help="list registered models, datasets, recipes, activations or attacks"
+    )
+    p.add_argument("what", choices=["models", "datasets", "recipes", "activations", "attacks"])
     p.set_defaults(func=_cmd_list)
     return parser
 

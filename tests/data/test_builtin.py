@@ -20,6 +20,8 @@ def test_mnist5k_split_is_fixed_and_disjoint():
     # Real handwritten digits: mostly-black background, a few bright strokes.
     assert 0.08 < train.float_images().mean() < 0.2
     assert train.mean == (0.1307,) and train.std == (0.3081,)
+    # The source is sorted by class; a split's first images must still mix the classes.
+    assert len(test.y[:50].unique()) >= 8 and len(train.y[:50].unique()) >= 8
 
 
 def test_digits_split():

@@ -19,8 +19,10 @@ MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
 
 def _split_indices(n: int, n_train: int, seed: int) -> dict[str, np.ndarray]:
+    # Kept in shuffled order: the source files are sorted by class, and the first N
+    # images of a split (``--n``, ``test_limit``) must be a fair sample of all classes.
     perm = np.random.default_rng(seed).permutation(n)
-    return {"train": np.sort(perm[:n_train]), "test": np.sort(perm[n_train:])}
+    return {"train": perm[:n_train], "test": perm[n_train:]}
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,439 @@
+"""The attack interface and the machinery every attack shares.
+
+An attack is built once from a model and a threat model, then called on batches::
+
+    attack = PGD(model, eps=0.3, steps=40)
+    x_adv = attack(x, y)                 # adversarial examples only (no extra forward pass)
+    result = attack.run(x, y)            # also per-sample success
+
+Contracts (DESIGN.md) enforced here for every attack:
+
+- pixels in [0, 1]; ``eps`` in pixel units; the output lies in the threat model
+  (``||x_adv - x|| <= eps`` and ``x_adv`` in [0, 1]), with the input's shape, dtype and
+  device, and never NaN;
+- the model is left as found: every module's train/eval mode is restored, no
+  gradient is accumulated on parameters (input gradients come from
+  ``torch.autograd.grad``), no parameter changes;
+- bad input (pixels outside [0, 1], NaN, wrong shapes, labels out of range, negative
+  eps, a model whose output is not a 2-D logit tensor) raises an error naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustlab.errors import RobustlabError, did_you_mean
+from robustlab.registry import Registry
+
+#: name -> Attack subclass
+ATTACKS: Registry[type[Attack]] = Registry("attack")
+
+NORMS = ("linf", "l2")
+LOSSES = ("ce", "margin", "dlr")
+TARGET_MODES = (False, True, "random", "least_likely")
+
+
+class AttackError(RobustlabError, ValueError):
+    """Invalid input to an attack."""
+
+
+class AttackResult(NamedTuple):
+    """What :meth:`Attack.run` returns."""
+
+    x_adv: torch.Tensor  #: adversarial examples, same shape/dtype/device as the input
+    success: torch.Tensor  #: bool (B,): misclassified (untargeted) or target reached (targeted)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _other_max(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """max over i != cls of logits[:, i]."""
+    masked = logits.scatter(1, cls[:, None], float("-inf"))
+    return masked.amax(1)
+
+
+def attack_loss(
+    logits: torch.Tensor, y: torch.Tensor, kind: str, target: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample loss an attack maximises.
+
+    - ``ce``: cross-entropy of the true class; targeted: minus that of the target.
+    - ``margin``: Carlini & Wagner's logit margin ``max_{i != y} z_i - z_y``; targeted:
+      ``z_t - max_{i != t} z_i``. Positive exactly when the attack succeeds.
+    - ``dlr``: Croce & Hein (2020)'s difference of logits ratio,
+      ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)``; targeted:
+      ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)`` (pi sorts the logits decreasingly).
+    """
+    logits = logits.float()
+    if kind == "ce":
+        if target is None:
+            return F.cross_entropy(logits, y, reduction="none")
+        return -F.cross_entropy(logits, target, reduction="none")
+    if kind == "margin":
+        if target is None:
+            return _other_max(logits, y) - logits.gather(1, y[:, None])[:, 0]
+        return logits.gather(1, target[:, None])[:, 0] - _other_max(logits, target)
+    if kind == "dlr":
+        if logits.shape[1] < (3 if target is None else 4):
+            raise AttackError(f"the dlr loss needs at least {3 if target is None else 4} classes")
+        top = logits.sort(1, descending=True).values
+        z_y = logits.gather(1, y[:, None])[:, 0]
+        if target is None:
+            return -(z_y - _other_max(logits, y)) / (top[:, 0] - top[:, 2] + 1e-12)
+        z_t = logits.gather(1, target[:, None])[:, 0]
+        return -(z_y - z_t) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+    raise AttackError(f"unknown loss {kind!r}{did_you_mean(kind, LOSSES)} (choose from {LOSSES})")
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.ndim - 1)))
+
+
+def lp_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample L-inf or L2 norm of a batch."""
+    flat = delta.flatten(1)
+    return flat.abs().amax(1) if norm == "linf" else flat.norm(p=2, dim=1)
+
+
+def project(
+    x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor, norm: str
+) -> torch.Tensor:
+    """Project onto the eps-ball around ``x`` intersected with [0, 1]."""
+    delta = x_adv - x
+    if norm == "linf":
+        e = _view(eps, x) if isinstance(eps, torch.Tensor) else eps
+        delta = (
+            torch.maximum(torch.minimum(delta, e), -e)
+            if isinstance(e, torch.Tensor)
+            else delta.clamp(-e, e)
+        )
+    else:
+        e = (
+            eps
+            if isinstance(eps, torch.Tensor)
+            else torch.full((x.shape[0],), float(eps), device=x.device)
+        )
+        n = lp_norm(delta, "l2")
+        delta = delta * _view(torch.clamp(e / (n + 1e-12), max=1.0), x)
+    # Clamping x + delta to [0, 1] moves each pixel towards x, so the norm only shrinks.
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def normalize_step(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """Steepest-ascent direction of unit norm: sign (L-inf) or grad / ||grad||_2 (L2)."""
+    if norm == "linf":
+        return grad.sign()
+    return grad / _view(lp_norm(grad, "l2") + 1e-12, grad)
+
+
+def random_start(
+    x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A uniform random point of the eps-ball (clipped to [0, 1])."""
+    if norm == "linf":
+        delta = (
+            torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+        ) * eps
+    else:
+        d = x[0].numel()
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = direction / _view(lp_norm(direction, "l2") + 1e-12, x)
+        radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (
+            1.0 / d
+        )
+        delta = direction * _view(radius * eps, x)
+    return (x + delta).clamp(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- base class
+
+
+class Attack:
+    """Base class of every attack.
+
+    Args:
+        model: a classifier taking pixels in [0, 1] and returning logits (B, K).
+        eps: perturbation budget in pixel units (``None`` only for minimum-norm attacks).
+        norm: ``"linf"`` or ``"l2"``.
+        targeted: ``False``; ``True`` (pass ``target=`` to the call); ``"random"`` (a
+            random wrong class); ``"least_likely"`` (the class the clean logits rank last).
+        output_fn: maps the model's raw output to logits (e.g. ``lambda out: out["logits"]``)
+            for models returning tuples or dicts.
+        eot_samples: gradients (and losses) are averaged over this many forward passes:
+            Expectation over Transformation for randomised models (see :func:`EOT`).
+        model_mode: ``"eval"`` (default) or ``"train"``: the mode the model runs in
+            during the attack; every module's original mode is restored afterwards.
+        seed: seed of the attack's own randomness (random starts, targets, Square's
+            proposals); ``None`` uses torch's global generator.
+    """
+
+    name: ClassVar[str] = "attack"
+    uses_gradients: ClassVar[bool] = True
+    minimum_norm: ClassVar[bool] = False  # eps optional: the attack finds the smallest perturbation
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eps: float | None,
+        norm: str = "linf",
+        targeted: bool | str = False,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
+        eot_samples: int = 1,
+        model_mode: str = "eval",
+        seed: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module) and not callable(model):
+            raise AttackError(f"model must be an nn.Module or callable, got {type(model).__name__}")
+        if eps is None and not self.minimum_norm:
+            raise AttackError(f"{self.name} needs eps")
+        if eps is not None and (not math.isfinite(float(eps)) or float(eps) < 0):
+            raise AttackError(f"eps must be a finite number >= 0, got {eps}")
+        if norm not in NORMS:
+            raise AttackError(
+                f"unknown norm {norm!r}{did_you_mean(str(norm), NORMS)} (choose linf or l2)"
+            )
+        if targeted not in TARGET_MODES:
+            raise AttackError(f"targeted must be one of {TARGET_MODES}, got {targeted!r}")
+        if eot_samples < 1:
+            raise AttackError(f"eot_samples must be >= 1, got {eot_samples}")
+        if model_mode not in ("eval", "train"):
+            raise AttackError(f"model_mode must be 'eval' or 'train', got {model_mode!r}")
+        self.model = model
+        self.eps = None if eps is None else float(eps)
+        self.norm = norm
+        self.targeted = targeted
+        self.output_fn = output_fn
+        self.eot_samples = eot_samples
+        self.model_mode = model_mode
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    # -- public API ------------------------------------------------------------------
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, *, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Adversarial examples for ``(x, y)``; see the class docstring for the contracts."""
+        return self._execute(x, y, target, need_success=False).x_adv
+
+    def run(
+        self, x: torch.Tensor, y: torch.Tensor, *, target: torch.Tensor | None = None
+    ) -> AttackResult:
+        """Adversarial examples and per-sample success."""
+        return self._execute(x, y, target, need_success=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(eps={self.eps}, norm={self.norm!r}, targeted={self.targeted!r})"
+        )
+
+    # -- to implement ----------------------------------------------------------------
+
+    def _perturb(
+        self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, need_success: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (x_adv, success or None). ``success`` may be None; the base computes it."""
+        raise NotImplementedError
+
+    # -- helpers for subclasses --------------------------------------------------------
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits for ``x``, checked to be a (B, K) tensor."""
+        out = self.model(x)
+        if self.output_fn is not None:
+            out = self.output_fn(out)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
+            what = (
+                type(out).__name__
+                if not isinstance(out, torch.Tensor)
+                else f"a tensor of shape {tuple(out.shape)}"
+            )
+            raise AttackError(
+                f"the model returned {what}; attacks need logits of shape (batch, classes): "
+                "pass output_fn=... to extract them (e.g. output_fn=lambda out: out[0])"
+            )
+        return out
+
+    def loss_and_grad(
+        self, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, loss: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample loss, its input gradient and the logits at ``x_adv``.
+
+        With ``eot_samples = n`` the loss and gradient are averaged over n passes.
+        """
+        total_loss = total_grad = None
+        with torch.enable_grad():
+            for _ in range(self.eot_samples):
+                xa = x_adv.detach().requires_grad_(True)
+                logits = self.logits(xa)
+                value = attack_loss(logits, y, loss, target)
+                (grad,) = torch.autograd.grad(value.sum(), xa)
+                total_loss = value.detach() if total_loss is None else total_loss + value.detach()
+                total_grad = grad if total_grad is None else total_grad + grad
+        n = float(self.eot_samples)
+        return total_loss / n, total_grad / n, logits.detach()  # type: ignore[operator]
+
+    @torch.no_grad()
+    def loss_value(
+        self, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, loss: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample loss (averaged over EOT draws) and the last logits, no gradients."""
+        total = None
+        for _ in range(self.eot_samples):
+            logits = self.logits(x_adv)
+            value = attack_loss(logits, y, loss, target)
+            total = value if total is None else total + value
+        return total / float(self.eot_samples), logits  # type: ignore[operator]
+
+    def is_success(
+        self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+    ) -> torch.Tensor:
+        pred = logits.argmax(1)
+        return pred == target if target is not None else pred != y
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        return self._generator
+
+    # -- machinery ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _model_state(self, device: torch.device) -> Iterator[None]:
+        modules = list(self.model.modules()) if isinstance(self.model, nn.Module) else []
+        modes = [m.training for m in modules]
+        if self.seed is not None:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        try:
+            if isinstance(self.model, nn.Module):
+                self.model.train(self.model_mode == "train")
+            yield
+        finally:
+            for m, mode in zip(modules, modes):
+                m.training = mode
+            self._generator = None
+
+    def _check_inputs(
+        self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise AttackError(
+                f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}"
+            )
+        if x.ndim < 2 or x.shape[0] == 0:
+            raise AttackError(f"x must be a non-empty batch (B, ...), got shape {tuple(x.shape)}")
+        if torch.isnan(x).any():
+            raise AttackError("x contains NaN")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise AttackError(
+                f"x must hold pixels in [0, 1] (normalisation belongs inside the model), "
+                f"got values in [{lo:.4g}, {hi:.4g}]"
+            )
+        y = torch.as_tensor(y, device=x.device)
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise AttackError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        if y.is_floating_point():
+            raise AttackError(f"y must hold integer class labels, got {y.dtype}")
+        y = y.long()
+        if target is not None:
+            target = torch.as_tensor(target, device=x.device).long()
+            if target.shape != y.shape:
+                raise AttackError(
+                    f"target must have shape {tuple(y.shape)}, got {tuple(target.shape)}"
+                )
+        elif self.targeted is True:
+            raise AttackError(
+                f"{self.name} was built with targeted=True: pass target=... to the call"
+            )
+        return x, y, target
+
+    def _resolve_target(
+        self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, k: int
+    ):
+        if target is not None or self.targeted is False:
+            return target
+        if self.targeted == "random":
+            shift = torch.randint(1, k, y.shape, generator=self._generator, device=y.device)
+            return (y + shift) % k
+        with torch.no_grad():  # least likely among the wrong classes
+            return self.logits(x).scatter(1, y[:, None], float("inf")).argmin(1)
+
+    def _execute(
+        self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, need_success: bool
+    ) -> AttackResult:
+        x, y, target = self._check_inputs(x, y, target)
+        with self._model_state(x.device):
+            if isinstance(self.model, nn.Module):  # probe in eval mode: no BN statistics move
+                self.model.eval()
+            with torch.no_grad():
+                k = self.logits(x[:1]).shape[1]
+            if isinstance(self.model, nn.Module):
+                self.model.train(self.model_mode == "train")
+            bad = (y < 0) | (y >= k)
+            if target is not None:
+                bad |= (target < 0) | (target >= k)
+            if bad.any():
+                raise AttackError(f"labels must lie in 0..{k - 1} for this model ({k} logits)")
+            target = self._resolve_target(x, y, target, k)
+            x_adv, success = self._perturb(x.detach(), y, target, need_success)
+            x_adv = x_adv.detach().to(dtype=x.dtype)
+            if self.eps is not None:  # final guarantee; samples already inside stay bit-exact
+                outside = lp_norm(x_adv - x, self.norm) > self.eps + 1e-6  # contract tolerance
+                outside |= (x_adv < 0).flatten(1).any(1)
+                outside |= (x_adv > 1).flatten(1).any(1)
+                if outside.any():  # e.g. a minimum-norm attack given a budget
+                    x_adv = torch.where(
+                        _view(outside, x), project(x_adv, x, self.eps, self.norm), x_adv
+                    )
+                    success = None  # judge the projected points
+            if need_success and success is None:
+                with torch.no_grad():
+                    success = self.is_success(self.logits(x_adv), y, target)
+        return AttackResult(
+            x_adv, success if success is not None else torch.zeros(0, dtype=torch.bool)
+        )
+
+
+def attack_options(cls: type[Attack]) -> set[str]:
+    """Keyword options an attack class accepts (its own and its bases'), minus model/eps/norm."""
+    import inspect
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass) and issubclass(klass, Attack):
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+                    names.add(p.name)
+    return names - {"self", "model", "eps", "norm"}
+
+
+def EOT(attack: Attack, n: int = 30) -> Attack:
+    """Expectation over Transformation (Athalye et al. 2018) for randomised models.
+
+    Returns a copy of ``attack`` whose losses and gradients are averaged over ``n``
+    forward passes, so randomness in the model (random resizing, noise) is integrated
+    out instead of fooling the attacker. Athalye et al. used n = 30.
+
+    Example:
+        >>> attack = EOT(PGD(randomised_model, eps=8 / 255, steps=20), n=30)
+    """
+    import copy
+
+    if n < 1:
+        raise AttackError(f"EOT needs n >= 1, got {n}")
+    wrapped = copy.copy(attack)
+    wrapped.eot_samples = n
+    return wrapped

@@ -1,0 +1,142 @@
+"""PGD (Madry et al., ICLR 2018) and BIM / I-FGSM (Kurakin, Goodfellow & Bengio, 2017)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustlab.attacks.base import (
+    ATTACKS,
+    Attack,
+    attack_loss,
+    normalize_step,
+    project,
+    random_start,
+)
+
+
+@ATTACKS.register("pgd")
+class PGD(Attack):
+    """Projected gradient ascent on the loss inside the eps-ball, with restarts.
+
+    Each step moves by ``step_size`` along the sign of the gradient (L-inf) or its
+    direction (L2), then projects back onto the eps-ball and [0, 1]. With
+    ``restarts > 1``, each restart runs only on the samples not yet fooled and every
+    sample keeps its best result (fooled if any restart fooled it, else the highest loss).
+
+    Threat model: ``||x_adv - x|| <= eps``, pixels in [0, 1].
+    Cost: ``steps`` forward+backward passes per restart (plus one forward per restart
+    when success is needed: ``run`` or ``restarts > 1``).
+
+    Args:
+        model: classifier on [0, 1] pixels returning logits.
+        eps: budget, pixel units.
+        steps: iterations per restart.
+        step_size: step length; default ``2.5 * eps / steps`` (Madry et al.'s rule).
+        norm: ``"linf"`` or ``"l2"``.
+        random_start: start from a uniform random point of the ball.
+        restarts: independent runs; the best per sample is kept.
+        loss: ``ce``, ``margin`` (CW) or ``dlr``.
+        **kwargs: see :class:`~robustlab.attacks.base.Attack` (targeted, output_fn, eot...).
+
+    Shapes: x (B, C, H, W) in [0, 1], y (B,) -> x_adv (B, C, H, W).
+
+    Example:
+        >>> attack = PGD(model, eps=0.3, steps=40, step_size=0.01)
+        >>> x_adv = attack(x, y)
+        >>> robust_acc = 1 - attack.run(x, y).success.float().mean()
+    """
+
+    name = "pgd"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eps: float,
+        steps: int = 10,
+        step_size: float | None = None,
+        norm: str = "linf",
+        random_start: bool = True,
+        restarts: int = 1,
+        loss: str = "ce",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, eps=eps, norm=norm, **kwargs)
+        if steps < 1 or restarts < 1:
+            raise ValueError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
+        attack_loss(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), loss)  # validates the name
+        self.steps, self.restarts, self.loss = steps, restarts, loss
+        self.step_size = 2.5 * self.eps / steps if step_size is None else float(step_size)
+        self.random_start = random_start
+
+    def _ascend(
+        self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+    ) -> torch.Tensor:
+        x_adv = random_start(x, self.eps, self.norm, self.generator) if self.random_start else x
+        for _ in range(self.steps):
+            _, grad, _ = self.loss_and_grad(x_adv, y, target, self.loss)
+            x_adv = project(
+                x_adv + self.step_size * normalize_step(grad, self.norm), x, self.eps, self.norm
+            )
+        return x_adv
+
+    def _perturb(self, x, y, target, need_success):
+        if self.restarts == 1 and not need_success:
+            return self._ascend(x, y, target), None
+        best = x.clone()
+        best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
+        success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for _ in range(self.restarts):
+            idx = (~success).nonzero()[:, 0]
+            if idx.numel() == 0:
+                break
+            t = target[idx] if target is not None else None
+            x_adv = self._ascend(x[idx], y[idx], t)
+            loss, logits = self.loss_value(x_adv, y[idx], t, self.loss)
+            fooled = self.is_success(logits, y[idx], t)
+            better = fooled | (loss > best_loss[idx])
+            best[idx[better]] = x_adv[better]
+            best_loss[idx[better]] = loss[better]
+            success[idx] = fooled
+        return best, success
+
+
+@ATTACKS.register("bim")
+class BIM(PGD):
+    """Basic iterative method / I-FGSM (Kurakin et al. 2017): PGD from the clean point.
+
+    Defaults follow the paper: step ``1/255`` and ``min(255 eps + 4, 1.25 * 255 eps)``
+    steps when ``steps`` is not given.
+
+    Example:
+        >>> x_adv = BIM(model, eps=8 / 255)(x, y)
+    """
+
+    name = "bim"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eps: float,
+        steps: int | None = None,
+        step_size: float = 1 / 255,
+        norm: str = "linf",
+        loss: str = "ce",
+        **kwargs: Any,
+    ) -> None:
+        if steps is None:
+            steps = max(1, int(min(255 * eps + 4, 1.25 * 255 * eps)))
+        super().__init__(
+            model,
+            eps=eps,
+            steps=steps,
+            step_size=step_size,
+            norm=norm,
+            random_start=False,
+            loss=loss,
+            **kwargs,
+        )

@@ -1,0 +1,124 @@
+"""The robust-evaluation engine: worst case, eps sweep, resume, warnings."""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+
+import pytest
+import torch
+from torch import nn
+
+from robustlab.attacks import PGD, Square
+from robustlab.errors import ConfigError
+from robustlab.evaluate import evaluate, expand_attacks
+
+
+def test_worst_case_is_monotone_and_below_clean(trained_mnist_model):
+    model, test = trained_mnist_model
+    report = evaluate(model, test, attacks=["fgsm", "pgd:steps=5"], eps=[0.2, 0.05, 0.1], n=120)
+    assert [r.eps for r in report.results] == [0.05, 0.1, 0.2]  # sorted
+    accs = [report.clean_accuracy] + [r.robust_accuracy for r in report.results]
+    assert all(a >= b for a, b in pairwise(accs))
+    for r in report.results:
+        after = [s.robust_after for s in r.stages]
+        assert all(a >= b for a, b in pairwise(after)) and after[-1] == r.robust_accuracy
+    assert report.curve()[0] == (0.0, report.clean_accuracy)
+    # the per-sample masks agree with the accuracies and only shrink with eps
+    masks = [report.robust[e] for e in (0.05, 0.1, 0.2)]
+    assert all(bool((b <= a).all()) for a, b in pairwise(masks))
+    assert float(masks[-1].float().mean()) == report.results[-1].robust_accuracy
+
+
+def test_points_left_robust_resist_the_attack_and_broken_ones_were_broken(trained_mnist_model):
+    """Cross-check against running the same PGD directly on every point."""
+    model, test = trained_mnist_model
+    data = test.subset(100)
+    report = evaluate(
+        model, data, attacks=["pgd:steps=10:random_start=false"], eps=[0.1], batch_size=32
+    )
+    x, y = data.float_images(), data.y
+    direct = PGD(model, eps=0.1, steps=10, random_start=False).run(x, y).success
+    clean_ok = model(x).argmax(1) == y
+    # deterministic attack (no random start): evaluation == direct, point by point
+    assert torch.equal(report.robust[0.1], clean_ok & ~direct)
+
+
+def test_resume_from_state_file_gives_the_same_report(trained_mnist_model, tmp_path):
+    model, test = trained_mnist_model
+    kw = dict(attacks=["pgd:steps=3", "fgsm"], eps=[0.05, 0.1], n=90, batch_size=32, seed=1)
+    state = tmp_path / "state.json"
+    full = evaluate(model, test, state_file=state, **kw)
+    saved = json.loads(state.read_text())
+    assert all(stage["done"] for stage in saved["stages"].values())
+    # Simulate an interruption in the middle of the second epsilon's first attack.
+    saved["stages"]["1/0"].update(done=False, next=32)
+    del saved["stages"]["1/1"]
+    state.write_text(json.dumps(saved))
+    resumed = evaluate(model, test, state_file=state, **kw)
+    assert [r.robust_accuracy for r in resumed.results] == [r.robust_accuracy for r in full.results]
+    # a state file from other settings is ignored, not trusted
+    other = evaluate(model, test, state_file=state, **{**kw, "seed": 2})
+    assert json.loads(state.read_text())["signature"] != saved["signature"]
+    assert len(other.results) == 2
+
+
+def test_gradient_masking_warning(trained_mnist_model):
+    """Quantised inputs zero the gradient: PGD fails, Square does not, and the report says so."""
+    model, test = trained_mnist_model
+    masked = nn.Sequential(nn.Module(), model)
+    masked[0].forward = lambda t: torch.round(t * 3) / 3  # type: ignore[method-assign]
+    report = evaluate(
+        masked, test, attacks=["pgd:steps=10", "square:n_queries=300"], eps=[0.3], n=64
+    )
+    stages = report.results[0].stages
+    assert stages[1].broken > stages[0].broken
+    assert any("gradients may be masked" in w for w in report.warnings)
+
+
+def test_randomised_model_warning():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.lin(x.flatten(1) + 0.1 * torch.randn_like(x.flatten(1)))
+
+    from robustlab.data import ImageDataset
+
+    data = ImageDataset(torch.rand(20, 1, 4, 4), torch.arange(20) % 3, 3)
+    report = evaluate(Noisy(), data, attacks=["fgsm"], eps=[0.1])
+    assert any("randomised" in w and "EOT" in w for w in report.warnings)
+
+
+def test_suites_and_bad_specs():
+    assert [s.name for s in expand_attacks(["standard"])] == ["apgd", "apgd-t", "square"]
+    assert expand_attacks(["standard"])[0].options == {"loss": "ce"}
+    assert expand_attacks(["pgd:steps=40:restarts=5"])[0].options == {"steps": 40, "restarts": 5}
+    with pytest.raises(ConfigError, match="unknown attack 'pdg'; did you mean 'pgd'"):
+        expand_attacks(["pdg"])
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        expand_attacks(["pgd:steps"])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    from robustlab.data import ImageDataset
+
+    data = ImageDataset(torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 0, 1]), 2)
+    with pytest.raises(
+        ConfigError, match="attack 'pgd' has no option 'stepz'; did you mean 'steps'"
+    ):
+        evaluate(model, data, attacks=["pgd:stepz=3"], eps=[0.1])
+
+
+def test_square_and_pgd_leave_a_train_mode_model_in_train_mode(trained_mnist_model):
+    model, test = trained_mnist_model
+    model.train()
+    try:
+        evaluate(model, test, attacks=["fgsm"], eps=[0.1], n=10)
+        assert model.training
+        x, y = test.float_images()[:4], test.y[:4]
+        Square(model, eps=0.1, n_queries=3)(x, y)
+        PGD(model, eps=0.1, steps=1)(x, y)
+        assert model.training
+    finally:
+        model.eval()
