@@ -36,13 +36,14 @@ def cases(draw):
     eps = draw(st.floats(0.0, 0.5 if norm == "linf" else 3.0))
     b, c, h = draw(st.integers(1, 4)), draw(st.sampled_from([1, 3])), draw(st.integers(4, 9))
     seed = draw(st.integers(0, 2**16))
-    return name, norm, eps, (b, c, h, h), seed
+    extra = {"early_stop": draw(st.booleans())} if name in ("pgd", "bim", "apgd") else {}
+    return name, norm, eps, (b, c, h, h), seed, extra
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_output_invariants_and_model_left_as_found(case):
-    name, norm, eps, shape, seed = case
+    name, norm, eps, shape, seed, extra = case
     torch.manual_seed(seed)
     model = conv_net(shape[1])
     model.train()
@@ -52,7 +53,7 @@ def test_output_invariants_and_model_left_as_found(case):
     x[0, 0, 0, 0] = 0.0  # pixels at the box edges
     x[-1, -1, -1, -1] = 1.0
     y = torch.randint(0, 5, (shape[0],))
-    attack = ATTACKS.get(name)(model, eps=eps, norm=norm, seed=seed, **FAST[name])
+    attack = ATTACKS.get(name)(model, eps=eps, norm=norm, seed=seed, **FAST[name], **extra)
     result = attack.run(x, y)
     x_adv = result.x_adv
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and x_adv.device == x.device
@@ -169,3 +170,38 @@ def test_targeted_modes_reach_their_targets(mode):
     if mode == "least_likely":
         assert torch.equal(pred, model(x).scatter(1, y[:, None], float("inf")).argmin(1))
     assert (pred != y).all()
+
+
+def test_apgd_early_stop_changes_the_cost_not_the_result():
+    from tests.attacks.conftest import Linear
+
+    model = Linear(16, 4, scale=0.5)
+    g = torch.Generator().manual_seed(0)
+    x = (0.5 + 0.05 * torch.randn(40, 1, 4, 4, generator=g)).clamp(0, 1)
+    y = model(x).argmax(1)
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    fast = ATTACKS.get("apgd")(model, eps=0.04, steps=20, seed=1, early_stop=True).run(x, y)
+    n_fast, calls[:] = sum(calls), []
+    full = ATTACKS.get("apgd")(model, eps=0.04, steps=20, seed=1, early_stop=False).run(x, y)
+    assert 0 < int(fast.success.sum()) < 40
+    assert torch.equal(fast.success, full.success)
+    torch.testing.assert_close(fast.x_adv, full.x_adv, rtol=0, atol=1e-6)
+    assert n_fast < 0.9 * sum(calls)  # fewer samples went through the model
+
+
+def test_pgd_early_stop_keeps_the_first_adversarial_iterate():
+    from tests.attacks.conftest import Linear
+
+    model = Linear(16, 3, scale=0.5)
+    g = torch.Generator().manual_seed(1)
+    x = (0.5 + 0.05 * torch.randn(30, 1, 4, 4, generator=g)).clamp(0, 1)
+    y = model(x).argmax(1)
+    fast = ATTACKS.get("pgd")(model, eps=0.05, steps=30, seed=0, early_stop=True).run(x, y)
+    full = ATTACKS.get("pgd")(model, eps=0.05, steps=30, seed=0).run(x, y)
+    assert 0 < int(full.success.sum()) < 30
+    # For an affine model the CE ascent never un-fools a point: both find the same points.
+    assert torch.equal(fast.success, full.success)
+    # early-stopped points sit closer to the clean image than the full run's
+    moved = lambda r: (r.x_adv - x).flatten(1).abs().sum(1)  # noqa: E731
+    assert (moved(fast)[fast.success] <= moved(full)[full.success] + 1e-6).all()

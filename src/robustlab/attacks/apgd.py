@@ -44,6 +44,9 @@ class APGD(Attack):
         loss: ``ce`` or ``dlr`` (also ``margin``); targeted calls use the targeted form.
         restarts: runs on the samples still robust.
         rho: checkpoint threshold on the fraction of loss-increasing steps.
+        early_stop: stop computing gradients for a sample once it is fooled. This does
+            not change the result (a fooled sample returns the first adversarial point
+            found), only the cost.
         **kwargs: see :class:`~robustlab.attacks.base.Attack`.
 
     Shapes: x (B, C, H, W) in [0, 1], y (B,) -> x_adv (B, C, H, W).
@@ -64,9 +67,11 @@ class APGD(Attack):
         loss: str = "ce",
         restarts: int = 1,
         rho: float = 0.75,
+        early_stop: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, eps=eps, norm=norm, **kwargs)
+        self.early_stop = early_stop
         if steps < 1 or restarts < 1:
             raise ValueError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
         attack_loss(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), loss)  # validates the name
@@ -109,8 +114,20 @@ class APGD(Attack):
                 momentum = 0.75 if i > 0 else 1.0
                 x_new = x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_prev)
                 x_prev, x_adv = x_adv, project(x_new, x, self.eps, self.norm)
-            loss, grad, logits = self.loss_and_grad(x_adv, y, target, self.loss)
-            newly = self.is_success(logits, y, target) & ~fooled
+            if self.early_stop:  # gradients only where still needed; fooled rows keep stale values
+                act = (~fooled).nonzero()[:, 0]
+                if act.numel() == 0:
+                    break
+                t = target[act] if target is not None else None
+                loss_a, grad_a, logits_a = self.loss_and_grad(x_adv[act], y[act], t, self.loss)
+                loss, grad = prev_loss.clone(), grad.clone()
+                loss[act], grad[act] = loss_a, grad_a
+                newly = torch.zeros_like(fooled)
+                newly[act] = self.is_success(logits_a, y[act], t)
+                newly &= ~fooled
+            else:
+                loss, grad, logits = self.loss_and_grad(x_adv, y, target, self.loss)
+                newly = self.is_success(logits, y, target) & ~fooled
             x_adv_best[newly] = x_adv[newly]
             fooled |= newly
             increases += (loss > prev_loss).float()

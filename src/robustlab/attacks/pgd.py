@@ -39,6 +39,9 @@ class PGD(Attack):
         random_start: start from a uniform random point of the ball.
         restarts: independent runs; the best per sample is kept.
         loss: ``ce``, ``margin`` (CW) or ``dlr``.
+        early_stop: freeze each sample at its first adversarial iterate and drop it from
+            the remaining forward/backward passes (what robust evaluation wants: far
+            cheaper on weak models; off by default, where the highest-loss point is wanted).
         **kwargs: see :class:`~robustlab.attacks.base.Attack` (targeted, output_fn, eot...).
 
     Shapes: x (B, C, H, W) in [0, 1], y (B,) -> x_adv (B, C, H, W).
@@ -62,9 +65,11 @@ class PGD(Attack):
         random_start: bool = True,
         restarts: int = 1,
         loss: str = "ce",
+        early_stop: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, eps=eps, norm=norm, **kwargs)
+        self.early_stop = early_stop
         if steps < 1 or restarts < 1:
             raise ValueError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
         attack_loss(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), loss)  # validates the name
@@ -76,11 +81,25 @@ class PGD(Attack):
         self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
     ) -> torch.Tensor:
         x_adv = random_start(x, self.eps, self.norm, self.generator) if self.random_start else x
+        if not self.early_stop:
+            for _ in range(self.steps):
+                _, grad, _ = self.loss_and_grad(x_adv, y, target, self.loss)
+                step = x_adv + self.step_size * normalize_step(grad, self.norm)
+                x_adv = project(step, x, self.eps, self.norm)
+            return x_adv
+        active = torch.arange(x.shape[0], device=x.device)
         for _ in range(self.steps):
-            _, grad, _ = self.loss_and_grad(x_adv, y, target, self.loss)
-            x_adv = project(
-                x_adv + self.step_size * normalize_step(grad, self.norm), x, self.eps, self.norm
+            t = target[active] if target is not None else None
+            xa, x0 = x_adv[active], x[active]
+            _, grad, logits = self.loss_and_grad(xa, y[active], t, self.loss)
+            keep = ~self.is_success(logits, y[active], t)  # fooled samples stay where they are
+            step = project(
+                xa + self.step_size * normalize_step(grad, self.norm), x0, self.eps, self.norm
             )
+            x_adv = x_adv.index_copy(0, active[keep], step[keep])
+            active = active[keep]
+            if active.numel() == 0:
+                break
         return x_adv
 
     def _perturb(self, x, y, target, need_success):

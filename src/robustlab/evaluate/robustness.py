@@ -90,6 +90,8 @@ class AttackSpec:
                     f"(options: {', '.join(sorted(accepted))})"
                 )
         kwargs = {**common, **self.options}
+        if "early_stop" in accepted:  # evaluation only needs to know whether a point breaks
+            kwargs.setdefault("early_stop", True)
         return cls(model, eps=eps, norm=norm, seed=seed, **kwargs)
 
 

@@ -58,8 +58,9 @@ class Recipe:
             y: labels, (B,).
 
         Returns:
-            A dict with ``loss`` (scalar to minimise) and ``logits`` (B, K) of the clean
-            inputs for the accuracy metric; other scalar entries are logged as averages.
+            A dict with ``loss`` (scalar to minimise) and ``logits`` (B, K) of the inputs
+            the step trained on (adversarial ones for adversarial training), for the
+            logged training accuracy; other scalar entries are logged as averages.
         """
         raise NotImplementedError
 

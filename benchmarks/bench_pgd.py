@@ -1,0 +1,158 @@
+"""PGD speed, side by side in one process: the floor, robustlab, torchattacks, ART.
+
+The floor is the work PGD cannot avoid: ``steps`` forward passes and ``steps``
+backward passes with respect to the input, nothing else. Every contender runs on the
+same model, batch, eps, step size and number of steps; contenders are timed
+round-robin (so machine noise hits them alike) and each reports the median of
+``--repeats`` runs. Ratios are what to compare across machines, not seconds.
+
+    python benchmarks/bench_pgd.py --model small_cnn --batch 256 --steps 10
+    python benchmarks/bench_pgd.py --model preact_resnet18 --batch 64 --steps 10 --repeats 3
+
+Peers are optional (``pip install --no-deps torchattacks adversarial-robustness-toolbox six``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import robustlab as rl
+from robustlab.attacks import PGD
+
+
+def floor(model, x, y, steps):
+    for _ in range(steps):
+        xa = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(xa), y), xa)
+    return grad
+
+
+def build(args):
+    if args.model == "small_cnn":
+        shape, classes = (1, 28, 28), 10
+    else:
+        shape, classes = (3, 32, 32), 10
+    torch.manual_seed(0)
+    if args.run:
+        model = rl.load(args.run)
+    else:
+        model = rl.create_model(
+            args.model, num_classes=classes, in_channels=shape[0], input_size=shape[1]
+        )
+    model = model.eval().to(args.device)
+    if args.run:
+        with open(f"{args.run}/meta.json") as fh:
+            test = rl.load_dataset(json.load(fh)["data"]["name"], "test")
+        x, y = test.float_images()[: args.batch], test.y[: args.batch]
+    else:
+        x, y = torch.rand(args.batch, *shape), torch.randint(0, classes, (args.batch,))
+    return model, x.to(args.device), y.to(args.device)
+
+
+def contenders(model, x, y, args) -> dict[str, Callable[[], torch.Tensor | None]]:
+    eps, steps = args.eps, args.steps
+    alpha = 2.5 * eps / steps
+    out: dict[str, Callable] = {
+        "floor": lambda: floor(model, x, y, steps),
+        "robustlab": lambda: PGD(model, eps=eps, steps=steps, step_size=alpha)(x, y),
+    }
+    if args.channels_last:
+        import copy
+
+        model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        out["floor channels_last"] = lambda: floor(model_cl, x_cl, y, steps)
+        out["robustlab channels_last"] = lambda: PGD(
+            model_cl, eps=eps, steps=steps, step_size=alpha
+        )(x_cl, y)
+    try:
+        import torchattacks
+
+        out["torchattacks"] = lambda: torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps)(
+            x, y
+        )
+    except ImportError:
+        pass
+    try:
+        import numpy as np
+        from art.attacks.evasion import ProjectedGradientDescentPyTorch
+        from art.estimators.classification import PyTorchClassifier
+
+        clf = PyTorchClassifier(
+            model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
+            nb_classes=10, clip_values=(0.0, 1.0), device_type="gpu" if x.is_cuda else "cpu",
+        )  # fmt: skip
+        art_pgd = ProjectedGradientDescentPyTorch(
+            clf, norm=np.inf, eps=eps, eps_step=alpha, max_iter=steps, batch_size=len(x),
+            num_random_init=1, verbose=False,
+        )  # fmt: skip
+        xn, yn = x.cpu().numpy(), y.cpu().numpy()
+        out["art"] = lambda: torch.from_numpy(art_pgd.generate(xn, yn)).to(x.device)
+    except ImportError:
+        pass
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="small_cnn", choices=["small_cnn", "preact_resnet18"])
+    p.add_argument("--run", help="use a trained run (and its test data) instead of random weights")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--channels-last", action="store_true", help="also time channels_last variants")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    model, x, y = build(args)
+    runs = contenders(model, x, y, args)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    outputs: dict[str, torch.Tensor | None] = {}
+    for name, fn in runs.items():  # warm-up (allocator, oneDNN primitives)
+        outputs[name] = fn()
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"{args.model}, batch {args.batch}, {args.steps} steps, eps {args.eps}, {args.device}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
+    print(
+        f"{'contender':26s} {'median s':>9s} {'/ floor':>8s} {'/ robustlab':>12s} {'success':>8s}"
+    )
+    result = {"args": vars(args), "median_s": med, "success": {}}
+    with torch.no_grad():
+        for name in runs:
+            succ = ""
+            if name not in ("floor", "floor channels_last"):
+                rate = float((model(outputs[name]).argmax(1) != y).float().mean())
+                result["success"][name] = rate
+                succ = f"{100 * rate:7.1f}%"
+            print(
+                f"{name:26s} {med[name]:9.3f} {med[name] / med['floor']:8.3f} {med[name] / med['robustlab']:12.3f} {succ:>8s}"
+            )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
