@@ -205,3 +205,25 @@ def test_pgd_early_stop_keeps_the_first_adversarial_iterate():
     # early-stopped points sit closer to the clean image than the full run's
     moved = lambda r: (r.x_adv - x).flatten(1).abs().sum(1)  # noqa: E731
     assert (moved(fast)[fast.success] <= moved(full)[full.success] + 1e-6).all()
+
+
+def test_fast_model_computes_the_same_function_and_leaves_the_original_alone():
+    from robustlab.attacks import fast_model
+    from robustlab.models import create_model
+
+    model = create_model("wide_resnet", input_size=8, depth=10, width=1).train()
+    fast = fast_model(model)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    model.eval()
+    x = torch.rand(4, 3, 8, 8, requires_grad=True)
+    (g_ref,) = torch.autograd.grad(model(x).sum(), x)
+    (g_fast,) = torch.autograd.grad(fast(x).sum(), x)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+    timed = fast_model(model, x.detach())  # layout chosen by timing both on the example
+    torch.testing.assert_close(timed(x), model(x), rtol=1e-4, atol=1e-5)
+    assert not any(p.requires_grad for p in timed.parameters())
+    y = torch.tensor([0, 1, 2, 3])
+    a = ATTACKS.get("pgd")(model, eps=0.1, steps=3, random_start=False)(x.detach(), y)
+    b = ATTACKS.get("pgd")(fast, eps=0.1, steps=3, random_start=False)(x.detach(), y)
+    assert float((a - b).abs().gt(1e-4).float().mean()) < 0.01  # sign flips only at ties

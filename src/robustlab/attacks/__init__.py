@@ -21,6 +21,7 @@ from robustlab.attacks.base import (
 from robustlab.attacks.bpda import BPDA
 from robustlab.attacks.cw import CW
 from robustlab.attacks.deepfool import DeepFool
+from robustlab.attacks.fast import fast_model
 from robustlab.attacks.fgsm import FGSM
 from robustlab.attacks.pgd import BIM, PGD
 from robustlab.attacks.square import Square
@@ -43,6 +44,7 @@ __all__ = [
     "Square",
     "UniversalPerturbation",
     "attack_loss",
+    "fast_model",
     "lp_norm",
     "project",
 ]

@@ -282,8 +282,9 @@ class Attack:
                 (grad,) = torch.autograd.grad(value.sum(), xa)
                 total_loss = value.detach() if total_loss is None else total_loss + value.detach()
                 total_grad = grad if total_grad is None else total_grad + grad
-        n = float(self.eot_samples)
-        return total_loss / n, total_grad / n, logits.detach()  # type: ignore[operator]
+        if self.eot_samples > 1:  # no extra full-size tensor ops on the common path
+            total_loss, total_grad = total_loss / self.eot_samples, total_grad / self.eot_samples
+        return total_loss, total_grad, logits.detach()  # type: ignore[return-value]
 
     @torch.no_grad()
     def loss_value(

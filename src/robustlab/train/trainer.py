@@ -294,7 +294,14 @@ class Trainer:
             if resuming:
                 self._truncate_metrics()
             else:
-                for name in (io.MODEL_FILE, io.CHECKPOINT_FILE, io.METRICS_FILE, "eval.json"):
+                stale = (
+                    io.MODEL_FILE,
+                    io.CHECKPOINT_FILE,
+                    io.METRICS_FILE,
+                    "eval.json",
+                    "eval_state.json",
+                )
+                for name in stale:
                     (self.run_dir / name).unlink(missing_ok=True)
             io.atomic_write_text(self.run_dir / io.CONFIG_FILE, dump_config(self.cfg))
             self._write_meta(status="running")
