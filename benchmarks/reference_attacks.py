@@ -26,7 +26,7 @@ def _batched(fn, x, y, batch):
     return torch.cat([fn(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)])
 
 
-def rows_for(run: str, eps: float, n: int, batch: int, seed: int, skip: set):
+def rows_for(run: str, eps: float, n: int, batch: int, seed: int, skip: set, only: str | None):
     import torchattacks
 
     model = rl.load(run)
@@ -77,8 +77,13 @@ def rows_for(run: str, eps: float, n: int, batch: int, seed: int, skip: set):
         ),
         "robustlab standard suite": suite,
     }
+    wanted = set(only.split(",")) if only else set(jobs)
     for name, job in jobs.items():
-        if (run, eps, name, n) in skip:
+        if name not in wanted:
+            continue
+        if (run, eps, name, n, seed) in skip or (
+            name == "clean" and (run, eps, name, n, 0) in skip
+        ):
             continue
         torch.manual_seed(seed)
         t0 = time.perf_counter()
@@ -93,26 +98,30 @@ def main() -> None:
     p.add_argument("--run", action="append", required=True, help="RUN_DIR:EPS (repeatable)")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--batch", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds", default="0", help="comma-separated seeds (random starts differ per seed)"
+    )
+    p.add_argument("--only", help="comma-separated attack names to run (default: all)")
     p.add_argument("--out", default="benchmarks/results/reference_attacks.json")
     args = p.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = json.loads(out.read_text()) if out.is_file() else []
-    have = {(r["run"], r["eps"], r["attack"], r["n"]) for r in done}
+    have = {(r["run"], r["eps"], r["attack"], r["n"], r.get("seed", 0)) for r in done}
     for r in done:
         print(
-            f"{r['run']:22s} eps {r['eps']:<5g} {r['attack']:26s} {100 * r['robust_acc']:6.2f}%  (cached)"
+            f"{r['run']:22s} eps {r['eps']:<5g} seed {r.get('seed', 0)} {r['attack']:26s} {100 * r['robust_acc']:6.2f}%  (cached)"
         )
     for spec in args.run:
         run, eps = spec.rsplit(":", 1)
-        for row in rows_for(run, float(eps), args.n, args.batch, args.seed, have):
-            done.append(row)
-            out.write_text(json.dumps(done, indent=1))
-            print(
-                f"{row['run']:22s} eps {row['eps']:<5g} {row['attack']:26s} {100 * row['robust_acc']:6.2f}%  {row['seconds']:7.1f}s",
-                flush=True,
-            )
+        for seed in [int(v) for v in args.seeds.split(",")]:
+            for row in rows_for(run, float(eps), args.n, args.batch, seed, have, args.only):
+                done.append(row)
+                out.write_text(json.dumps(done, indent=1))
+                print(
+                    f"{row['run']:22s} eps {row['eps']:<5g} seed {row['seed']} {row['attack']:26s} {100 * row['robust_acc']:6.2f}%  {row['seconds']:7.1f}s",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

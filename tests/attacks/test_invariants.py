@@ -132,8 +132,9 @@ def test_bad_settings_are_named():
         ATTACKS.get("pgd")(model, eps=-0.1)
     with pytest.raises(AttackError, match="unknown norm 'l1'"):
         ATTACKS.get("pgd")(model, eps=0.1, norm="l1")
-    with pytest.raises(AttackError, match="unknown loss 'hinge'"):
-        ATTACKS.get("pgd")(model, eps=0.1, loss="hinge")
+    for name in ("fgsm", "pgd", "apgd"):
+        with pytest.raises(AttackError, match="unknown loss 'hinge'"):
+            ATTACKS.get(name)(model, eps=0.1, loss="hinge")
     with pytest.raises(AttackError, match="pgd needs eps"):
         ATTACKS.get("pgd")(model, eps=None)
 

@@ -12,7 +12,7 @@ from robustlab.attacks.base import (
     ATTACKS,
     Attack,
     _view,
-    attack_loss,
+    check_loss,
     lp_norm,
     normalize_step,
     project,
@@ -74,7 +74,7 @@ class APGD(Attack):
         self.early_stop = early_stop
         if steps < 1 or restarts < 1:
             raise ValueError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
-        attack_loss(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), loss)  # validates the name
+        check_loss(loss)
         self.steps, self.loss, self.restarts, self.rho = steps, loss, restarts, rho
 
     # One run of Algorithm 1 on a batch; returns (x_out, fooled).

@@ -93,6 +93,15 @@ def attack_loss(
     raise AttackError(f"unknown loss {kind!r}{did_you_mean(kind, LOSSES)} (choose from {LOSSES})")
 
 
+def check_loss(loss: str) -> str:
+    """Return ``loss`` if it names an attack loss, else raise naming the choices."""
+    if loss not in LOSSES:
+        raise AttackError(
+            f"unknown loss {loss!r}{did_you_mean(str(loss), LOSSES)} (choose from {LOSSES})"
+        )
+    return loss
+
+
 # ----------------------------------------------------------------------------- geometry
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from robustlab.attacks.base import ATTACKS, Attack, normalize_step
+from robustlab.attacks.base import ATTACKS, Attack, check_loss, normalize_step
 
 
 @ATTACKS.register("fgsm")
@@ -35,7 +35,7 @@ class FGSM(Attack):
         self, model: nn.Module, *, eps: float, norm: str = "linf", loss: str = "ce", **kwargs: Any
     ):
         super().__init__(model, eps=eps, norm=norm, **kwargs)
-        self.loss = loss
+        self.loss = check_loss(loss)
 
     def _perturb(self, x, y, target, need_success):
         _, grad, _ = self.loss_and_grad(x, y, target, self.loss)

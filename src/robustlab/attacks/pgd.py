@@ -10,7 +10,7 @@ from torch import nn
 from robustlab.attacks.base import (
     ATTACKS,
     Attack,
-    attack_loss,
+    check_loss,
     normalize_step,
     project,
     random_start,
@@ -72,7 +72,7 @@ class PGD(Attack):
         self.early_stop = early_stop
         if steps < 1 or restarts < 1:
             raise ValueError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
-        attack_loss(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), loss)  # validates the name
+        check_loss(loss)
         self.steps, self.restarts, self.loss = steps, restarts, loss
         self.step_size = 2.5 * self.eps / steps if step_size is None else float(step_size)
         self.random_start = random_start

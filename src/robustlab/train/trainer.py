@@ -95,10 +95,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return Recipe.unwrap(model)
-
-
 def _progress_enabled(flag: bool | None, dist_ctx: DistContext) -> bool | None:
     if not dist_ctx.is_main:
         return True  # tqdm's `disable=True`
