@@ -47,6 +47,7 @@ def rows_for(run: str, eps: float, n: int, batch: int, seed: int, skip: set, onl
             "run": run,
             "eps": eps,
             "n": n,
+            "seed": seed,
             "attack": name,
             "robust_acc": acc,
             "seconds": seconds,

@@ -102,7 +102,8 @@ class APGD(Attack):
         x_adv_best = torch.where(_view(fooled, x), x_adv, x)
         x_best, loss_best, grad_best = x_adv.clone(), loss.clone(), grad.clone()
         loss_best_at_check = loss_best.clone()
-        halved_at_check = torch.zeros(b, dtype=torch.bool, device=x.device)
+        # As in the authors' code, the stall rule cannot fire at the first checkpoint.
+        halved_at_check = torch.ones(b, dtype=torch.bool, device=x.device)
         increases = torch.zeros(b, device=x.device)
         prev_loss, x_prev, since_check = loss, x_adv, 0
 

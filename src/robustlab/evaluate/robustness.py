@@ -300,7 +300,7 @@ def _evaluate(
         if key_e in state["robust"]:
             robust = torch.tensor(state["robust"][key_e], dtype=torch.bool)
         stages: list[StageResult] = []
-        black_box_only = 0
+        black_box_only, gradient_ran = 0, False
         for ai, spec in enumerate(specs):
             key = f"{ei}/{ai}"
             stage = state["stages"].get(
@@ -340,8 +340,10 @@ def _evaluate(
                 state["stages"][key] = stage
                 state["robust"][key_e] = robust.tolist()
                 save_state()
-            if not ATTACKS.get(spec.name).uses_gradients:
+            uses_gradients = ATTACKS.get(spec.name).uses_gradients
+            if not uses_gradients and gradient_ran:  # it found what gradient attacks missed
                 black_box_only += stage["broken"]
+            gradient_ran |= uses_gradients
             stages.append(
                 StageResult(
                     spec.label,
@@ -351,7 +353,7 @@ def _evaluate(
                     round(stage["seconds"], 3),
                 )
             )
-        if black_box_only and any(ATTACKS.get(s.name).uses_gradients for s in specs):
+        if black_box_only:
             warnings.append(
                 f"at eps {e:g}, gradient-free attacks broke {black_box_only} points the gradient "
                 "attacks missed: the gradients may be masked or obfuscated; prefer adaptive "
