@@ -92,11 +92,27 @@ def rows_for(run: str, eps: float, n: int, batch: int, seed: int, skip: set, onl
         yield row(name, acc, time.perf_counter() - t0)
 
 
+def print_table(rows: list[dict]) -> None:
+    """Markdown: one line per (run, eps, attack), mean robust accuracy over seeds and range."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault(
+            (r["run"], r["eps"] if r["attack"] != "clean" else 0.0, r["attack"]), []
+        ).append(100 * r["robust_acc"])
+    print("| run | eps | attack | robust accuracy (mean) | min-max | seeds |")
+    print("|---|---|---|---:|---|---:|")
+    for (run, eps, attack), accs in groups.items():
+        lo, hi = min(accs), max(accs)
+        print(
+            f"| {run} | {eps:g} | {attack} | {sum(accs) / len(accs):.2f}% | {lo:.1f}-{hi:.1f} | {len(accs)} |"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--run", action="append", required=True, help="RUN_DIR:EPS (repeatable)")
+    p.add_argument("--run", action="append", default=[], help="RUN_DIR:EPS (repeatable)")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--batch", type=int, default=250)
     p.add_argument(
@@ -104,8 +120,14 @@ def main() -> None:
     )
     p.add_argument("--only", help="comma-separated attack names to run (default: all)")
     p.add_argument("--out", default="benchmarks/results/reference_attacks.json")
+    p.add_argument(
+        "--table", action="store_true", help="print the cached rows as a markdown table and exit"
+    )
     args = p.parse_args()
     out = Path(args.out)
+    if args.table:
+        print_table(json.loads(out.read_text()))
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     done = json.loads(out.read_text()) if out.is_file() else []
     have = {(r["run"], r["eps"], r["attack"], r["n"], r.get("seed", 0)) for r in done}
