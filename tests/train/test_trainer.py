@@ -46,6 +46,9 @@ def test_training_writes_a_complete_run_directory(tiny_config):
     assert meta["data"]["name"] == "synthetic" and meta["recipe"]["name"] == "standard"
     assert set(meta["versions"]) >= {"robustlab", "torch", "python"}
     assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 3
+    # weights are as readable as the other files of the run (not 0600)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in run.iterdir()}
+    assert modes["model.safetensors"] == modes["meta.json"] == modes["checkpoint.safetensors"]
 
 
 def test_load_rebuilds_the_model_without_pickle(tiny_config):
