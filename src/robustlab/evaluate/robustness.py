@@ -153,18 +153,18 @@ class EvalReport:
 
     def table(self) -> str:
         """A plain-text table: one row per epsilon, one column per attack (cumulative)."""
-        names = self.attacks
-        head = (
-            f"{'eps':>8}  {'clean':>7}  "
-            + "  ".join(f"{a[:14]:>14}" for a in names)
-            + f"  {'worst case':>10}"
+        widths = [max(len(a), 8) for a in self.attacks]
+        head = f"{'eps':>8}  {'clean':>7}  " + "  ".join(
+            f"{a:>{w}}" for a, w in zip(self.attacks, widths)
         )
         lines = [
             f"{self.norm} robust accuracy, {self.n} points (cumulative after each attack)",
-            head,
+            head + f"  {'worst case':>10}",
         ]
         for r in self.results:
-            cells = "  ".join(f"{100 * s.robust_after:13.2f}%" for s in r.stages)
+            cells = "  ".join(
+                f"{100 * s.robust_after:{w - 1}.2f}%" for s, w in zip(r.stages, widths)
+            )
             lines.append(
                 f"{r.eps:8.4g}  {100 * self.clean_accuracy:6.2f}%  {cells}  "
                 f"{100 * r.robust_accuracy:9.2f}%"
