@@ -7,7 +7,7 @@ parametrised tests at once, so adding an entry is one decorator.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from robustlab.errors import UnknownNameError, did_you_mean
@@ -82,9 +82,20 @@ def check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], what: str) -> N
         for n, p in params.items()
         if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     ]
+    check_options(accepted, kwargs, what)
+
+
+def check_options(
+    accepted: Iterable[str],
+    kwargs: Iterable[str],
+    what: str,
+    error: type[Exception] = UnknownNameError,
+) -> None:
+    """Raise ``error`` naming the first key of ``kwargs`` not in ``accepted``, with a suggestion."""
+    accepted = list(accepted)
     for key in kwargs:
         if key not in accepted:
-            raise UnknownNameError(
+            raise error(
                 f"{what} has no option {key!r}{did_you_mean(key, accepted)} "
                 f"(options: {', '.join(accepted)})"
             )

@@ -16,6 +16,7 @@ from robustlab.attacks.base import (
     lp_norm,
     normalize_step,
     project,
+    still_robust,
 )
 
 
@@ -154,10 +155,7 @@ class APGD(Attack):
     def _perturb(self, x, y, target, need_success):
         out = x.clone()
         success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for _ in range(self.restarts):
-            idx = (~success).nonzero()[:, 0]
-            if idx.numel() == 0:
-                break
+        for idx in still_robust(success, self.restarts):
             x_run, fooled = self._apgd(x[idx], y[idx], target[idx] if target is not None else None)
             out[idx] = x_run
             success[idx] = fooled
@@ -179,22 +177,12 @@ class APGDT(APGD):
     name = "apgd-t"
 
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        eps: float,
-        steps: int = 100,
-        norm: str = "linf",
-        n_target_classes: int = 9,
-        restarts: int = 1,
-        loss: str = "dlr",
-        **kwargs: Any,
+        self, model: nn.Module, *, n_target_classes: int = 9, loss: str = "dlr", **kwargs: Any
     ) -> None:
+        """Options as :class:`APGD` (targeted DLR loss by default) plus ``n_target_classes``."""
         if kwargs.get("targeted"):
             raise ValueError("apgd-t chooses its own targets; do not pass targeted=")
-        super().__init__(
-            model, eps=eps, steps=steps, norm=norm, loss=loss, restarts=restarts, **kwargs
-        )
+        super().__init__(model, loss=loss, **kwargs)
         self.n_target_classes = n_target_classes
 
     def _perturb(self, x, y, target, need_success):
@@ -204,10 +192,7 @@ class APGDT(APGD):
         out = x.clone()
         success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for rank in range(1, min(self.n_target_classes + 1, k)):
-            for _ in range(self.restarts):
-                idx = (~success).nonzero()[:, 0]
-                if idx.numel() == 0:
-                    return out, success
+            for idx in still_robust(success, self.restarts):
                 x_run, fooled = self._apgd(x[idx], y[idx], order[idx, rank])
                 out[idx[fooled]] = x_run[fooled]
                 success[idx] = fooled

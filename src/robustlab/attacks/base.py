@@ -93,6 +93,19 @@ def attack_loss(
     raise AttackError(f"unknown loss {kind!r}{did_you_mean(kind, LOSSES)} (choose from {LOSSES})")
 
 
+def still_robust(success: torch.Tensor, rounds: int) -> Iterator[torch.Tensor]:
+    """Indices of the samples not yet fooled, for up to ``rounds`` rounds.
+
+    Stops early once every sample is fooled; the caller updates ``success`` in place
+    between rounds (restarts that only attack what earlier rounds left standing).
+    """
+    for _ in range(rounds):
+        idx = (~success).nonzero()[:, 0]
+        if idx.numel() == 0:
+            return
+        yield idx
+
+
 def check_loss(loss: str) -> str:
     """Return ``loss`` if it names an attack loss, else raise naming the choices."""
     if loss not in LOSSES:

@@ -14,6 +14,7 @@ from robustlab.attacks.base import (
     normalize_step,
     project,
     random_start,
+    still_robust,
 )
 
 
@@ -108,10 +109,7 @@ class PGD(Attack):
         best = x.clone()
         best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
         success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for _ in range(self.restarts):
-            idx = (~success).nonzero()[:, 0]
-            if idx.numel() == 0:
-                break
+        for idx in still_robust(success, self.restarts):
             t = target[idx] if target is not None else None
             x_adv = self._ascend(x[idx], y[idx], t)
             loss, logits = self.loss_value(x_adv, y[idx], t, self.loss)

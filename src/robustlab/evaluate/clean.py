@@ -11,7 +11,8 @@ from robustlab.data.base import ImageDataset
 from robustlab.data.loader import BatchLoader
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (or buffer); CPU for a stateless model."""
     p = next(model.parameters(), None)
     if p is None:
         p = next(model.buffers(), None)
@@ -51,6 +52,6 @@ def clean_accuracy(
         >>> clean_accuracy(robustlab.load("runs/demo-mnist"), load_dataset("mnist5k", "test"))
         0.98
     """
-    loader = BatchLoader(data, batch_size, device=device or _device_of(model))
+    loader = BatchLoader(data, batch_size, device=device or model_device(model))
     correct, total = count_correct(model, loader)
     return correct / total

@@ -34,6 +34,8 @@ from robustlab.attacks.fast import fast_model
 from robustlab.data.base import ImageDataset, to_float
 from robustlab.data.loader import batch_seed
 from robustlab.errors import ConfigError, did_you_mean
+from robustlab.evaluate.clean import model_device
+from robustlab.registry import check_options
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +86,9 @@ class AttackSpec:
     def build(self, model: nn.Module, eps: float, norm: str, seed: int, **common: Any) -> Attack:
         cls = ATTACKS.get(self.name)
         accepted = attack_options(cls)
-        for key in {**self.options, **common}:
-            if key not in accepted:
-                raise ConfigError(
-                    f"attack {self.name!r} has no option {key!r}{did_you_mean(key, accepted)} "
-                    f"(options: {', '.join(sorted(accepted))})"
-                )
+        check_options(
+            sorted(accepted), {**self.options, **common}, f"attack {self.name!r}", ConfigError
+        )
         kwargs = {**common, **self.options}
         if "early_stop" in accepted:  # evaluation only needs to know whether a point breaks
             kwargs.setdefault("early_stop", True)
@@ -240,7 +239,7 @@ def evaluate(
         raise ConfigError(f"eps must be >= 0, got {eps_list}")
     if n is not None:
         data = data.subset(n)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = torch.device(device) if device is not None else model_device(model)
     modes = [m.training for m in model.modules()]
     model.eval()
     try:

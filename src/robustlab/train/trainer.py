@@ -95,7 +95,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _progress_enabled(flag: bool | None, dist_ctx: DistContext) -> bool | None:
+def _tqdm_disable(flag: bool | None, dist_ctx: DistContext) -> bool | None:
+    """tqdm's ``disable``: bars on rank 0 only; ``flag`` or ROBUSTLAB_PROGRESS override."""
     if not dist_ctx.is_main:
         return True  # tqdm's `disable=True`
     if flag is None:
@@ -145,7 +146,7 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.device = resolve_device(cfg.device, local_rank())
         self.dist = init_distributed(self.device)
-        self.progress = _progress_enabled(progress, self.dist)
+        self.tqdm_disable = _tqdm_disable(progress, self.dist)
         if cfg.data.batch_size % self.dist.world_size:
             raise ConfigError(
                 f"data.batch_size ({cfg.data.batch_size}) is the global batch and must be "
@@ -411,7 +412,7 @@ class Trainer:
         epochs = tqdm(
             range(self.epoch, cfg.epochs),
             desc="epochs",
-            disable=self.progress,
+            disable=self.tqdm_disable,
             initial=self.epoch,
             total=cfg.epochs,
         )
@@ -424,7 +425,7 @@ class Trainer:
                 initial=start,
                 desc=f"epoch {epoch + 1}",
                 leave=False,
-                disable=self.progress,
+                disable=self.tqdm_disable,
             )
             for x, y in self.loader.batches(start):
                 if self.batch == start or (
