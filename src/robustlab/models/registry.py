@@ -70,11 +70,15 @@ def pair(size: int | Sequence[int]) -> tuple[int, int]:
 def flat_features(features: nn.Module, in_channels: int, input_size: int | Sequence[int]) -> int:
     """Number of features ``features`` outputs for one input, found by a dry run."""
     h, w = pair(input_size)
+    was_training = features.training
+    features.eval()  # the dry run must not touch batch-norm running statistics
     try:
         with torch.no_grad():
             out = features(torch.zeros(1, in_channels, h, w))
     except RuntimeError as err:
         raise ValueError(f"input size {h}x{w} is too small for this model ({err})") from None
+    finally:
+        features.train(was_training)
     if out.numel() == 0:
         raise ValueError(f"input size {h}x{w} is too small for this model")
     return out.numel()

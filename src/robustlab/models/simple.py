@@ -39,21 +39,31 @@ def small_cnn(
     in_channels: int = 1,
     input_size: int | Sequence[int] = 28,
     act: ActSpec = "relu",
+    bn: bool = False,
 ) -> nn.Module:
     """conv32-conv64-fc1024: the MNIST network of Madry et al. (ICLR 2018).
 
     Two 5x5 "same" convolutions (32 and 64 channels), each followed by the activation
     and 2x2 max pooling, then a 1024-unit hidden layer.
+
+    Args:
+        bn: batch norm after each convolution and the hidden layer (not in the paper;
+            what AdvProp's auxiliary norms need).
     """
+
+    def conv(cin: int, cout: int) -> list[nn.Module]:
+        if not bn:
+            return [nn.Conv2d(cin, cout, 5, padding=2)]
+        return [nn.Conv2d(cin, cout, 5, padding=2, bias=False), nn.BatchNorm2d(cout)]
+
     features = nn.Sequential(
-        nn.Conv2d(in_channels, 32, 5, padding=2), make_activation(act), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2), make_activation(act), nn.MaxPool2d(2),
+        *conv(in_channels, 32), make_activation(act), nn.MaxPool2d(2),
+        *conv(32, 64), make_activation(act), nn.MaxPool2d(2),
         nn.Flatten(),
     )  # fmt: skip
     n = flat_features(features, in_channels, input_size)
-    return nn.Sequential(
-        *features, nn.Linear(n, 1024), make_activation(act), nn.Linear(1024, num_classes)
-    )
+    hidden = [nn.Linear(n, 1024, bias=not bn)] + ([nn.BatchNorm1d(1024)] if bn else [])
+    return nn.Sequential(*features, *hidden, make_activation(act), nn.Linear(1024, num_classes))
 
 
 @MODELS.register("lenet")

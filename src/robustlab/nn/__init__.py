@@ -1,5 +1,38 @@
 """Model surgery and building blocks that work on any ``nn.Module``."""
 
-from robustlab.nn.activations import ACTIVATIONS, make_activation
+from robustlab.nn.activations import (
+    ACTIVATIONS,
+    ParametricSoftplus,
+    SmoothGradReLU,
+    SmoothReLU,
+    make_activation,
+)
+from robustlab.nn.aux_bn import (
+    AuxBatchNorm,
+    AuxBNError,
+    aux_bn_state,
+    convert_aux_bn,
+    split_bn,
+    strip_aux_bn,
+    use_bn,
+)
+from robustlab.nn.swap import SwapError, count_activations, smooth_gradients, swap_activations
 
-__all__ = ["ACTIVATIONS", "make_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "AuxBNError",
+    "AuxBatchNorm",
+    "ParametricSoftplus",
+    "SmoothGradReLU",
+    "SmoothReLU",
+    "SwapError",
+    "aux_bn_state",
+    "convert_aux_bn",
+    "count_activations",
+    "make_activation",
+    "smooth_gradients",
+    "split_bn",
+    "strip_aux_bn",
+    "swap_activations",
+    "use_bn",
+]
