@@ -172,6 +172,24 @@ class Trainer:
                 "classes, "
                 f"images {train.shape} vs {test.shape}"
             )
+        self.recipe: Recipe = create_recipe(
+            cfg.recipe.name, label_smoothing=cfg.label_smoothing, **cfg.recipe.options
+        )
+        held = self.recipe.holdout_size
+        if held:
+            if held >= len(train):
+                raise ConfigError(
+                    f"recipe {cfg.recipe.name!r} holds out {held} training images but the "
+                    f"training set has only {len(train)}"
+                )
+            # the last images of the (shuffled) training split, never trained on
+            holdout, train = (
+                train.subset(slice(len(train) - held, None)),
+                train.subset(slice(0, len(train) - held)),
+            )
+            self.recipe.set_holdout(
+                holdout.float_images().to(self.device), holdout.y.to(self.device)
+            )
         self.train_data, self.test_data = train, test
         c, h, w = train.shape
         spec_kwargs: dict[str, Any] = dict(
@@ -182,9 +200,6 @@ class Trainer:
             spec_kwargs.update(mean=list(train.mean), std=list(train.std))
         self.model_spec = {"name": cfg.model.name, "kwargs": spec_kwargs}
         model = create_model(cfg.model.name, **spec_kwargs)
-        self.recipe: Recipe = create_recipe(
-            cfg.recipe.name, label_smoothing=cfg.label_smoothing, **cfg.recipe.options
-        )
         model = self.recipe.prepare(model).to(self.device)
         if self.dist.enabled and cfg.sync_bn:
             if self.device.type != "cuda":
@@ -479,6 +494,8 @@ class Trainer:
             )
         if self.dist.is_main:
             io.save_model(exported, self.run_dir / io.MODEL_FILE)
+            for filename, tensors in self.recipe.export_extras(self.model).items():
+                io.save_tensors(self.run_dir / filename, tensors)
             final = {k: last_row[k] for k in ("epoch", "train_acc", "test_acc") if k in last_row}
             self._write_meta(status="complete", final=final)
         self.dist.barrier()

@@ -1,6 +1,14 @@
 """Training methods, one per file, each registered by name in ``RECIPES``."""
 
-from robustlab.train.recipes import pgd, standard  # noqa: F401  (register)
-from robustlab.train.recipes.base import RECIPES, Recipe, create_recipe
+from robustlab.train.recipes import (  # noqa: F401  (register)
+    advprop,
+    fast,
+    fgsm,
+    nfgsm,
+    pgd,
+    standard,
+    trades,
+)
+from robustlab.train.recipes.base import RECIPES, AdversarialRecipe, Recipe, create_recipe
 
-__all__ = ["RECIPES", "Recipe", "create_recipe"]
+__all__ = ["RECIPES", "AdversarialRecipe", "Recipe", "create_recipe"]

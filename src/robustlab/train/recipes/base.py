@@ -8,6 +8,8 @@ new file that subclasses :class:`Recipe` and registers it.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustlab.registry import Registry, check_kwargs
+from robustlab.errors import ConfigError
+from robustlab.nn.activations import SmoothGradReLU, make_activation
+from robustlab.nn.swap import smooth_gradients, swap_activations
+from robustlab.registry import Registry, check_options
 
 #: name -> Recipe subclass
 RECIPES: Registry[Callable[..., Recipe]] = Registry("recipe")
@@ -29,24 +34,83 @@ class Recipe:
     :meth:`on_epoch_end`; at the end, :meth:`export` to get the plain inference model
     that is saved and evaluated.
 
+    Smooth Adversarial Training (Xie, Tan, Gong, Yuille & Le, 2020) is an option of every
+    recipe rather than a recipe of its own: ``activation`` swaps the model's ReLUs for a
+    smooth function (SAT proper); ``smooth_grad`` keeps ReLU forward but back-propagates
+    the parametric-softplus gradient, for the attacker (inner maximisation), the
+    optimiser (outer minimisation) or both: the paper's ablation. Recipes make their
+    adversarial examples inside :meth:`attacking` and their training pass inside
+    :meth:`optimizing`, which is all the ablation needs.
+
     Args:
         label_smoothing: label smoothing of :meth:`cross_entropy` (from the trainer config).
+        activation: swap every ReLU-family activation for this one (``"silu"``,
+            ``"gelu"``, ``"softplus"``, ``"parametric_softplus"``, ``"elu"``,
+            ``"smooth_relu"``...); ``None`` keeps the model's.
+        smooth_grad: ``None``, ``"attacker"``, ``"optimizer"`` or ``"both"``: where ReLU's
+            backward uses the gradient of ``parametric_softplus(smooth_grad_alpha)``.
+        smooth_grad_alpha: alpha of that softplus (10 in the SAT paper).
 
     Attributes:
         progress: training progress in epochs (2.5 = half-way through the third epoch),
             for schedules inside a recipe (epsilon ramps, margin ramps).
         stop_training: a recipe sets this to end training early (e.g. a guard against
             catastrophic overfitting); the trainer stops after the current epoch.
+        holdout_size: training images the recipe asks the trainer to hold out (never
+            trained on) and hand over through :meth:`set_holdout` (0: none).
     """
 
-    def __init__(self, *, label_smoothing: float = 0.0) -> None:
+    holdout_size: int = 0
+
+    def __init__(
+        self,
+        *,
+        label_smoothing: float = 0.0,
+        activation: str | None = None,
+        smooth_grad: str | None = None,
+        smooth_grad_alpha: float = 10.0,
+    ) -> None:
+        if smooth_grad not in (None, "attacker", "optimizer", "both"):
+            raise ConfigError(
+                f"smooth_grad must be attacker, optimizer, both or null, got {smooth_grad!r}"
+            )
+        if smooth_grad is not None and activation not in (None, "relu"):
+            raise ConfigError(
+                "smooth_grad is ReLU forward with a smooth backward; it cannot be combined "
+                f"with activation={activation!r}"
+            )
+        if activation is not None:
+            make_activation(activation)  # unknown names fail at construction
         self.label_smoothing = label_smoothing
+        self.activation = activation
+        self.smooth_grad = smooth_grad
+        self.smooth_grad_alpha = float(smooth_grad_alpha)
         self.progress = 0.0
         self.stop_training = False
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Model surgery before training (default: none)."""
+        """Model surgery before training: the SAT activation swap (subclasses add theirs)."""
+        if self.activation is not None:
+            model = swap_activations(model, self.activation)
+        if self.smooth_grad is not None:
+            alpha = self.smooth_grad_alpha
+            model = swap_activations(model, lambda: SmoothGradReLU(alpha))
         return model
+
+    def attacking(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """Context for the inner maximisation (smooth ReLU gradients when asked)."""
+        if self.smooth_grad is None:
+            return contextlib.nullcontext()
+        return smooth_gradients(self.unwrap(model), self.smooth_grad in ("attacker", "both"))
+
+    def optimizing(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """Context for the training pass (smooth ReLU gradients when asked)."""
+        if self.smooth_grad is None:
+            return contextlib.nullcontext()
+        return smooth_gradients(self.unwrap(model), self.smooth_grad in ("optimizer", "both"))
+
+    def set_holdout(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Receive the held-out images asked for by :attr:`holdout_size` (pixels in [0, 1])."""
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One training step's loss.
@@ -65,16 +129,27 @@ class Recipe:
         raise NotImplementedError
 
     def export(self, model: nn.Module) -> nn.Module:
-        """The plain inference model to save (default: the model itself)."""
+        """The plain inference model to save (ReLU back in place of the smooth-gradient ReLU)."""
+        if self.smooth_grad is not None:
+            model = swap_activations(model, "relu")
         return model
+
+    def export_extras(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        """Extra tensor files to save next to the model: ``{file name: tensors}`` (default none).
+
+        For state that must not be part of the inference model (AdvProp's auxiliary norms).
+        """
+        return {}
 
     def export_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Model description (``create_model`` arguments) that rebuilds :meth:`export`'s model.
 
         Recipes whose export changes the architecture (e.g. swapped activations) return
-        the updated description; the default is unchanged.
+        the updated description; the default records the SAT activation.
         """
-        return spec
+        if self.activation is None:
+            return spec
+        return {**spec, "kwargs": {**spec.get("kwargs", {}), "act": self.activation}}
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
         """Hook after each epoch; returns extra metrics to log (default: none)."""
@@ -103,5 +178,59 @@ def create_recipe(name: str, *, label_smoothing: float = 0.0, **options: Any) ->
         >>> recipe = create_recipe("standard", label_smoothing=0.1)
     """
     cls = RECIPES.get(name)
-    check_kwargs(cls, options, f"recipe {name!r}")
+    check_options(recipe_options(cls), options, f"recipe {name!r}")
     return cls(label_smoothing=label_smoothing, **options)
+
+
+def recipe_options(cls: type) -> list[str]:
+    """Option names a recipe class accepts: its own and, through ``**common``, the base's."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names += [
+            p.name
+            for p in params
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names
+        ]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            break
+    return [n for n in names if n != "label_smoothing"]
+
+
+class AdversarialRecipe(Recipe):
+    """Base of recipes that train against a perturbation budget ``eps`` (pixel units).
+
+    Args:
+        eps: the budget (MNIST: 0.3, CIFAR-10: 8/255 in the papers).
+        norm: ``"linf"`` or ``"l2"``.
+        eps_ramp_epochs: epochs over which eps grows linearly from 0 (0: none). Small
+            MNIST networks can stay at chance for several epochs without it.
+        **common: :class:`Recipe` options (label smoothing, SAT).
+    """
+
+    def __init__(
+        self,
+        *,
+        eps: float = 0.3,
+        norm: str = "linf",
+        eps_ramp_epochs: float = 0.0,
+        **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        if not eps >= 0 or not eps_ramp_epochs >= 0:
+            raise ConfigError(f"need eps, eps_ramp_epochs >= 0, not {eps}, {eps_ramp_epochs}")
+        if norm not in ("linf", "l2"):
+            raise ConfigError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        self.eps, self.norm, self.eps_ramp_epochs = float(eps), norm, float(eps_ramp_epochs)
+
+    def ramp(self) -> float:
+        """Fraction of the full budget in use now (1 after the ramp)."""
+        if self.eps_ramp_epochs <= 0:
+            return 1.0
+        return min(1.0, self.progress / self.eps_ramp_epochs)
+
+    def current_eps(self) -> float:
+        return self.eps * self.ramp()

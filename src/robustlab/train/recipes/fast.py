@@ -1,0 +1,145 @@
+"""Fast adversarial training: FGSM from a random start (Wong, Rice & Kolter, ICLR 2020),
+with the paper's guard against catastrophic overfitting."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustlab.attacks import PGD
+from robustlab.errors import ConfigError
+from robustlab.train.recipes.base import RECIPES, AdversarialRecipe
+
+log = logging.getLogger(__name__)
+
+
+class OverfittingGuard:
+    """Catastrophic-overfitting guard: PGD accuracy on held-out images after every epoch.
+
+    Keeps a copy of the weights of the epoch with the best PGD accuracy; when the
+    accuracy falls more than ``drop`` below that best (Wong et al.'s criterion: 0.2), the
+    best weights are restored and training stops.
+    """
+
+    def __init__(self, *, eps: float, norm: str, steps: int, drop: float) -> None:
+        self.eps, self.norm, self.steps, self.drop = eps, norm, steps, drop
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.best_acc, self.best_epoch = -1.0, 0
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.restored_epoch = 0
+
+    def check(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        """Run the check after ``epoch`` (0-based); returns metrics, restores on collapse."""
+        if self.x is None or self.y is None:
+            return {}
+        attack = PGD(model, eps=self.eps, norm=self.norm, steps=self.steps, seed=0)
+        acc = 1.0 - float(attack.run(self.x, self.y).success.float().mean())
+        metrics = {"guard_pgd_acc": acc}
+        if acc > self.best_acc:
+            self.best_acc, self.best_epoch = acc, epoch + 1
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif acc < self.best_acc - self.drop:
+            model.load_state_dict(self.best_state)
+            self.restored_epoch = self.best_epoch
+            metrics["guard_restored_epoch"] = float(self.best_epoch)
+            log.warning(
+                "catastrophic overfitting after epoch %d: held-out PGD-%d accuracy %.3f fell "
+                "from %.3f; restored the weights of epoch %d and stopped",
+                epoch + 1, self.steps, acc, self.best_acc, self.best_epoch,
+            )  # fmt: skip
+            return metrics | {"stop": 1.0}
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best_acc": self.best_acc,
+            "best_epoch": self.best_epoch,
+            "restored_epoch": self.restored_epoch,
+            "best_state": self.best_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
+        self.restored_epoch = state["restored_epoch"]
+        self.best_state = dict(state["best_state"])
+
+
+@RECIPES.register("fast")
+class FastTraining(AdversarialRecipe):
+    """FGSM with a uniform random start and a step of ``1.25 eps`` (Wong et al. 2020).
+
+    ``delta ~ U(-eps, eps)``, ``delta <- clip_eps(delta + alpha sign(grad))``; train on
+    ``x + delta``. The guard (Wong et al.'s early stopping) runs PGD on ``guard_size``
+    training images held out from training after each epoch; when that accuracy
+    collapses it restores the best epoch's weights, stops, and logs it.
+
+    Args:
+        eps, norm, eps_ramp_epochs: see :class:`AdversarialRecipe`.
+        step_size: alpha at the full eps (default ``1.25 * eps``); a large one (e.g.
+            ``2 eps``) provokes catastrophic overfitting.
+        guard: run the guard.
+        guard_size: held-out training images for the guard.
+        guard_steps: PGD iterations of the guard's check.
+        guard_drop: accuracy drop from the best that counts as a collapse.
+        **common: :class:`~robustlab.train.recipes.base.Recipe` options.
+
+    Cost per step: one forward+input-backward pass, then one training pass.
+    """
+
+    def __init__(
+        self,
+        *,
+        step_size: float | None = None,
+        guard: bool = True,
+        guard_size: int = 256,
+        guard_steps: int = 10,
+        guard_drop: float = 0.2,
+        **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        if guard and (guard_size < 1 or guard_steps < 1 or not 0 < guard_drop <= 1):
+            raise ConfigError("fast recipe: need guard_size >= 1, guard_steps >= 1, 0 < drop <= 1")
+        self.step_size = 1.25 * self.eps if step_size is None else float(step_size)
+        self.holdout_size = guard_size if guard else 0
+        self.guard = (
+            OverfittingGuard(eps=self.eps, norm=self.norm, steps=guard_steps, drop=guard_drop)
+            if guard
+            else None
+        )
+
+    def set_holdout(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.guard is not None:
+            self.guard.x, self.guard.y = x, y
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        eps = self.current_eps()
+        if eps > 0:
+            attack = PGD(
+                self.unwrap(model), eps=eps, steps=1, step_size=self.step_size * self.ramp(),
+                norm=self.norm, random_start=True,
+            )  # fmt: skip
+            with self.attacking(model):
+                x = attack(x, y)
+        with self.optimizing(model):
+            logits = model(x)
+            loss = self.cross_entropy(logits, y)
+        return {"loss": loss, "logits": logits, "eps": torch.tensor(eps)}
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        if self.guard is None:
+            return {}
+        metrics = self.guard.check(model, epoch)
+        if metrics.pop("stop", 0.0):
+            self.stop_training = True
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"guard": self.guard.state_dict()} if self.guard is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.guard is not None and "guard" in state:
+            self.guard.load_state_dict(state["guard"])
