@@ -80,6 +80,48 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from robustlab.evaluate import evaluate
+    from robustlab.io import META_FILE, METRICS_FILE, load, read_json
+
+    eps = _split_floats(args.eps)
+    attacks = [a for a in args.attacks.split(",") if a]
+    columns = []
+    for run_text in args.runs:
+        run = Path(run_text)
+        model = load(run, device=args.device)
+        data, name = _load_run_data(run, args.split, args.n)
+        report = evaluate(
+            model, data, attacks=attacks, eps=eps, norm=args.norm, batch_size=args.batch_size,
+            seed=args.seed, state_file=run / "compare_state.json",
+        )  # fmt: skip
+        meta = read_json(run / META_FILE)
+        rows = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+        columns.append(
+            {
+                "run": run.name,
+                "recipe": meta["recipe"]["name"],
+                "train_seconds": sum(r.get("seconds", 0.0) for r in rows),
+                "accuracy": [report.clean_accuracy] + [r.robust_accuracy for r in report.results],
+            }
+        )
+    width = max(12, *(len(c["run"]) for c in columns))
+    labels = ["clean"] + [f"eps {e:g}" for e in sorted(eps)]
+    where = f"{name} {args.split}, {len(data)} points"
+    print(f"{args.norm} worst case over {', '.join(attacks)}; {where}")
+    print(f"{'':<12}" + "".join(f"{c['run']:>{width + 2}}" for c in columns))
+    print(f"{'recipe':<12}" + "".join(f"{c['recipe']:>{width + 2}}" for c in columns))
+    print(
+        f"{'train time':<12}" + "".join(f"{c['train_seconds']:>{width + 1}.0f}s" for c in columns)
+    )
+    for i, label in enumerate(labels):
+        cells = "".join(f"{100 * c['accuracy'][i]:>{width + 1}.1f}%" for c in columns)
+        print(f"{label:<12}" + cells)
+    return 0
+
+
 def _cmd_attack(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -188,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", help="resumable state file (default: RUN/eval_state.json)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cpu)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("compare", help="clean and robust accuracy of several runs side by side")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--attacks", default="quick", help="attacks or suites (default: quick)")
+    p.add_argument("--eps", required=True, help="comma-separated budgets, e.g. 0.1,0.2,0.3")
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--n", type=int, default=0, help="use the first N images (default: all)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser(
         "attack", help="attack a trained run; save adversarial examples and a PNG grid"
