@@ -249,3 +249,18 @@ def test_the_trainer_holds_the_guard_images_out_of_training(tiny_config):
     train_x = trainer.train_data.float_images()
     for image in guard.x.cpu():
         assert not (train_x == image).flatten(1).all(1).any()
+
+
+def test_the_guard_state_survives_a_checkpoint_round_trip():
+    from robustlab.train.trainer import decode_state, encode_state
+
+    recipe = create_recipe("fast", eps=0.1, guard_size=8, guard_steps=2)
+    model = _ConstantModel()
+    recipe.set_holdout(torch.rand(8, 1, 2, 2), torch.zeros(8, dtype=torch.long))
+    recipe.on_epoch_end(model, 0)
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = json.loads(json.dumps(encode_state(recipe.state_dict(), tensors, "recipe")))
+    resumed = create_recipe("fast", eps=0.1, guard_size=8, guard_steps=2)
+    resumed.load_state_dict(decode_state(encoded, tensors))
+    assert resumed.guard.best_acc == 1.0 and resumed.guard.best_epoch == 1
+    assert torch.equal(resumed.guard.best_state["bias"], torch.tensor([20.0, 0.0]))

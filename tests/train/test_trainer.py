@@ -118,8 +118,12 @@ def test_existing_run_directory_is_not_clobbered(tiny_config):
     Trainer(tiny_config("epochs=1")).fit()
     with pytest.raises(RobustlabError, match="already exists.*--resume.*--overwrite"):
         Trainer(tiny_config("epochs=1"))._prepare_run_dir()
-    run = Trainer(tiny_config("epochs=1"), overwrite=True).fit()
+    run = Trainer(tiny_config("epochs=1")).run_dir
+    (run / "compare_state.json").write_text("{}")  # an evaluation of the old weights
+    (run / "extra").mkdir()
+    Trainer(tiny_config("epochs=1"), overwrite=True).fit()
     assert len(_rows(run)) == 1
+    assert not (run / "compare_state.json").exists() and not (run / "extra").exists()
 
 
 def test_truncated_or_missing_files_are_named(tiny_config):

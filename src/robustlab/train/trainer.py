@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Mapping
@@ -305,16 +306,12 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resuming:
                 self._truncate_metrics()
-            else:
-                stale = (
-                    io.MODEL_FILE,
-                    io.CHECKPOINT_FILE,
-                    io.METRICS_FILE,
-                    "eval.json",
-                    "eval_state.json",
-                )
-                for name in stale:
-                    (self.run_dir / name).unlink(missing_ok=True)
+            else:  # a replaced run keeps nothing: stale evaluations and extras would mislead
+                for child in self.run_dir.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
             io.atomic_write_text(self.run_dir / io.CONFIG_FILE, dump_config(self.cfg))
             self._write_meta(status="running")
         self.dist.barrier()
