@@ -226,7 +226,7 @@ class _ConstantModel(torch.nn.Module):
         return self.bias.expand(x.shape[0], 2) + 0 * x.flatten(1)[:, :1]
 
 
-def test_the_fast_guard_restores_the_best_weights_when_pgd_accuracy_collapses():
+def test_the_fast_guard_restores_the_last_good_weights_when_pgd_accuracy_collapses():
     recipe = create_recipe("fast", eps=0.1, guard_size=8, guard_steps=2)
     model = _ConstantModel()
     recipe.set_holdout(torch.rand(8, 1, 2, 2), torch.zeros(8, dtype=torch.long))
@@ -237,7 +237,7 @@ def test_the_fast_guard_restores_the_best_weights_when_pgd_accuracy_collapses():
     second = recipe.on_epoch_end(model, 1)
     assert second["guard_pgd_acc"] == 0.0 and second["guard_restored_epoch"] == 1.0
     assert recipe.stop_training
-    assert torch.equal(model.bias, torch.tensor([20.0, 0.0]))  # the best weights are back
+    assert torch.equal(model.bias, torch.tensor([20.0, 0.0]))  # the last good weights are back
 
 
 def test_the_trainer_holds_the_guard_images_out_of_training(tiny_config):
@@ -262,5 +262,5 @@ def test_the_guard_state_survives_a_checkpoint_round_trip():
     encoded = json.loads(json.dumps(encode_state(recipe.state_dict(), tensors, "recipe")))
     resumed = create_recipe("fast", eps=0.1, guard_size=8, guard_steps=2)
     resumed.load_state_dict(decode_state(encoded, tensors))
-    assert resumed.guard.best_acc == 1.0 and resumed.guard.best_epoch == 1
-    assert torch.equal(resumed.guard.best_state["bias"], torch.tensor([20.0, 0.0]))
+    assert resumed.guard.last_acc == 1.0 and resumed.guard.last_epoch == 1
+    assert torch.equal(resumed.guard.last_state["bias"], torch.tensor([20.0, 0.0]))

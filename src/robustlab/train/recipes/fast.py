@@ -19,53 +19,53 @@ log = logging.getLogger(__name__)
 class OverfittingGuard:
     """Catastrophic-overfitting guard: PGD accuracy on held-out images after every epoch.
 
-    Keeps a copy of the weights of the epoch with the best PGD accuracy; when the
-    accuracy falls more than ``drop`` below that best (Wong et al.'s criterion: 0.2), the
-    best weights are restored and training stops.
+    As in Wong et al.'s code, the accuracy is compared with the previous check: a fall
+    of more than ``drop`` (0.2) is a collapse (catastrophic overfitting drops PGD
+    accuracy to near zero within an epoch, while an eps ramp lowers it gradually). On a
+    collapse the weights of the last good epoch are restored and training stops. The
+    check runs at the budget the recipe is training at (``eps`` passed to :meth:`check`).
     """
 
-    def __init__(self, *, eps: float, norm: str, steps: int, drop: float) -> None:
-        self.eps, self.norm, self.steps, self.drop = eps, norm, steps, drop
+    def __init__(self, *, norm: str, steps: int, drop: float) -> None:
+        self.norm, self.steps, self.drop = norm, steps, drop
         self.x: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
-        self.best_acc, self.best_epoch = -1.0, 0
-        self.best_state: dict[str, torch.Tensor] = {}
+        self.last_acc, self.last_epoch = -1.0, 0
+        self.last_state: dict[str, torch.Tensor] = {}
         self.restored_epoch = 0
 
-    def check(self, model: nn.Module, epoch: int) -> dict[str, float]:
+    def check(self, model: nn.Module, epoch: int, eps: float) -> dict[str, float]:
         """Run the check after ``epoch`` (0-based); returns metrics, restores on collapse."""
-        if self.x is None or self.y is None:
+        if self.x is None or self.y is None or eps <= 0:
             return {}
-        attack = PGD(model, eps=self.eps, norm=self.norm, steps=self.steps, seed=0)
+        attack = PGD(model, eps=eps, norm=self.norm, steps=self.steps, seed=0)
         acc = 1.0 - float(attack.run(self.x, self.y).success.float().mean())
-        metrics = {"guard_pgd_acc": acc}
-        if acc > self.best_acc:
-            self.best_acc, self.best_epoch = acc, epoch + 1
-            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif acc < self.best_acc - self.drop:
-            model.load_state_dict(self.best_state)
-            self.restored_epoch = self.best_epoch
-            metrics["guard_restored_epoch"] = float(self.best_epoch)
+        metrics = {"guard_pgd_acc": acc, "guard_eps": eps}
+        if self.last_acc >= 0 and acc < self.last_acc - self.drop:
+            model.load_state_dict(self.last_state)
+            self.restored_epoch = self.last_epoch
             log.warning(
-                "catastrophic overfitting after epoch %d: held-out PGD-%d accuracy %.3f fell "
-                "from %.3f; restored the weights of epoch %d and stopped",
-                epoch + 1, self.steps, acc, self.best_acc, self.best_epoch,
+                "catastrophic overfitting after epoch %d: held-out PGD-%d accuracy fell from "
+                "%.3f to %.3f; restored the weights of epoch %d and stopped",
+                epoch + 1, self.steps, self.last_acc, acc, self.last_epoch,
             )  # fmt: skip
-            return metrics | {"stop": 1.0}
+            return metrics | {"guard_restored_epoch": float(self.last_epoch), "stop": 1.0}
+        self.last_acc, self.last_epoch = acc, epoch + 1
+        self.last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "best_acc": self.best_acc,
-            "best_epoch": self.best_epoch,
+            "last_acc": self.last_acc,
+            "last_epoch": self.last_epoch,
             "restored_epoch": self.restored_epoch,
-            "best_state": self.best_state,
+            "last_state": self.last_state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
+        self.last_acc, self.last_epoch = state["last_acc"], state["last_epoch"]
         self.restored_epoch = state["restored_epoch"]
-        self.best_state = dict(state["best_state"])
+        self.last_state = dict(state["last_state"])
 
 
 @RECIPES.register("fast")
@@ -75,7 +75,7 @@ class FastTraining(AdversarialRecipe):
     ``delta ~ U(-eps, eps)``, ``delta <- clip_eps(delta + alpha sign(grad))``; train on
     ``x + delta``. The guard (Wong et al.'s early stopping) runs PGD on ``guard_size``
     training images held out from training after each epoch; when that accuracy
-    collapses it restores the best epoch's weights, stops, and logs it.
+    collapses it restores the last good epoch's weights, stops, and logs it.
 
     Args:
         eps, norm, eps_ramp_epochs: see :class:`AdversarialRecipe`.
@@ -84,7 +84,7 @@ class FastTraining(AdversarialRecipe):
         guard: run the guard.
         guard_size: held-out training images for the guard.
         guard_steps: PGD iterations of the guard's check.
-        guard_drop: accuracy drop from the best that counts as a collapse.
+        guard_drop: accuracy drop from the previous check that counts as a collapse.
         **common: :class:`~robustlab.train.recipes.base.Recipe` options.
 
     Cost per step: one forward+input-backward pass, then one training pass.
@@ -106,9 +106,7 @@ class FastTraining(AdversarialRecipe):
         self.step_size = 1.25 * self.eps if step_size is None else float(step_size)
         self.holdout_size = guard_size if guard else 0
         self.guard = (
-            OverfittingGuard(eps=self.eps, norm=self.norm, steps=guard_steps, drop=guard_drop)
-            if guard
-            else None
+            OverfittingGuard(norm=self.norm, steps=guard_steps, drop=guard_drop) if guard else None
         )
 
     def set_holdout(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -132,7 +130,8 @@ class FastTraining(AdversarialRecipe):
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
         if self.guard is None:
             return {}
-        metrics = self.guard.check(model, epoch)
+        self.progress = epoch + 1.0  # the budget reached at the end of this epoch
+        metrics = self.guard.check(model, epoch, self.current_eps())
         if metrics.pop("stop", 0.0):
             self.stop_training = True
         return metrics
