@@ -13,7 +13,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from robustlab import attacks, data, models, nn, train
+from robustlab import attacks, certify, data, models, nn, train
 from robustlab.config import TrainConfig, load_config
 from robustlab.data import ImageDataset, load_dataset
 from robustlab.errors import (
@@ -41,6 +41,7 @@ __all__ = [
     "UnknownNameError",
     "__version__",
     "attacks",
+    "certify",
     "clean_accuracy",
     "create_model",
     "data",
