@@ -9,6 +9,10 @@ Contenders are timed round-robin; the median of ``--repeats`` is reported.
 
     python benchmarks/bench_train.py --steps 10 --batches 20 --repeats 5
     python benchmarks/bench_train.py --model preact_resnet18 --batch 32 --batches 4
+    python benchmarks/bench_train.py --recipes standard,fgsm,fast,nfgsm,trades,advprop
+
+``--recipes`` adds the trainer step of other recipes (eps 0.3, the configs' settings)
+to the round-robin: the cost of each method relative to PGD-k, measured side by side.
 """
 
 from __future__ import annotations
@@ -53,22 +57,38 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--recipes", default="", help="other recipes to time beside pgd")
     parser.add_argument("--out", default=None, help="append the result as a JSON line")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     mnist = args.model in ("small_cnn", "lenet", "mlp")
     size, channels = (28, 1) if mnist else (32, 3)
-    overrides = [
-        f"out_dir={tempfile.mkdtemp()}", "name=bench", "data.name=synthetic",
-        f"data.options={{size: {size}, channels: {channels}, n_train: {args.batch * 2}, "
-        "n_test: 16, num_classes: 10}",
-        f"data.batch_size={args.batch}", f"model.name={args.model}", "optim.name=adam",
-        "optim.lr=0.001", "recipe.name=pgd",
-        f"recipe.options={{eps: {args.eps}, steps: {args.steps}}}",
-    ]  # fmt: skip
-    trainer = Trainer(load_config(None, overrides), progress=False)
-    trainer.ddp_model.train()
+
+    def make_trainer(recipe: str, options: str, model_options: str = "{}") -> Trainer:
+        overrides = [
+            f"out_dir={tempfile.mkdtemp()}", "name=bench", "data.name=synthetic",
+            f"data.options={{size: {size}, channels: {channels}, n_train: {args.batch * 2}, "
+            "n_test: 16, num_classes: 10}",
+            f"data.batch_size={args.batch}", f"model.name={args.model}",
+            f"model.options={model_options}", "optim.name=adam", "optim.lr=0.001",
+            f"recipe.name={recipe}", f"recipe.options={options}",
+        ]  # fmt: skip
+        trainer = Trainer(load_config(None, overrides), progress=False)
+        trainer.ddp_model.train()
+        return trainer
+
+    eps = args.eps
+    recipe_options = {
+        "standard": ("{}", "{}"),
+        "fgsm": (f"{{eps: {eps}}}", "{}"),
+        "fast": (f"{{eps: {eps}, guard: false}}", "{}"),
+        "nfgsm": (f"{{eps: {eps}}}", "{}"),
+        "trades": (f"{{eps: {eps}, steps: {args.steps}}}", "{}"),
+        "advprop": (f"{{eps: {eps}, steps: 5}}", "{bn: true}"),
+        "sat": (f"{{eps: {eps}, steps: {args.steps}}}", "{}"),
+    }
+    trainer = make_trainer("pgd", f"{{eps: {eps}, steps: {args.steps}}}")
     alpha = 2.5 * args.eps / args.steps
     torch.manual_seed(0)
     batches = [
@@ -87,6 +107,14 @@ def main() -> None:
             trainer._train_step(x, y)
 
     contenders = {"floor": run_floor, "robustlab": run_ours}
+    for name in filter(None, args.recipes.split(",")):
+        other = make_trainer(name, *recipe_options[name])
+
+        def run_other(other=other):
+            for x, y in batches:
+                other._train_step(x, y)
+
+        contenders[name] = run_other
     for fn in contenders.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in contenders}
@@ -106,7 +134,11 @@ def main() -> None:
     print(f"PGD-{args.steps} training, {args.model}, {args.batches} batches of {args.batch}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")  # fmt: skip
     for name, t in med.items():
-        print(f"  {name:<10} {t:8.3f} s   / floor {t / med['floor']:.3f}")
+        label = "pgd (ours)" if name == "robustlab" else name
+        print(
+            f"  {label:<10} {t:8.3f} s   / floor {t / med['floor']:.3f}   "
+            f"/ pgd {t / med['robustlab']:.3f}"
+        )
     if args.out:
         with open(args.out, "a") as fh:
             fh.write(json.dumps(result) + "\n")

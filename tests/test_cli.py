@@ -133,3 +133,24 @@ def test_eval_with_attacks_and_attack_command(tiny_config, tmp_path, capsys):
     png = out_npz.with_suffix(".png")
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "success rate" in capsys.readouterr().out
+
+
+def test_compare_prints_runs_side_by_side(tiny_config, tmp_path, capsys):
+    from robustlab import Trainer
+    from robustlab.evaluate import evaluate
+
+    std = Trainer(tiny_config("epochs=1", "name=std")).fit()
+    adv = Trainer(tiny_config("epochs=1", "name=adv", "recipe.name=fast",
+                              "recipe.options={eps: 0.1, guard: false}")).fit()  # fmt: skip
+    argv = ["compare", str(std), str(adv), "--attacks", "fgsm", "--eps", "0.05,0.1", "--n", "40"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "std" in out[1] and "adv" in out[1]
+    assert out[2].split()[1:] == ["standard", "fast"]
+    rows = {line.split()[0] + (line.split()[1] if line.startswith("eps") else ""): line.split()[-2:]
+            for line in out[4:]}  # fmt: skip
+    data = rl.load_dataset("synthetic", "test", size=12, n_train=256, n_test=128, num_classes=4)
+    for i, run in enumerate((std, adv)):  # each column is that run's own evaluation
+        report = evaluate(rl.load(run), data, attacks=["fgsm"], eps=[0.05, 0.1], n=40)
+        assert rows["clean"][i] == f"{100 * report.clean_accuracy:.1f}%"
+        assert rows["eps0.1"][i] == f"{100 * report.results[1].robust_accuracy:.1f}%"
