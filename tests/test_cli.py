@@ -154,3 +154,17 @@ def test_compare_prints_runs_side_by_side(tiny_config, tmp_path, capsys):
         report = evaluate(rl.load(run), data, attacks=["fgsm"], eps=[0.05, 0.1], n=40)
         assert rows["clean"][i] == f"{100 * report.clean_accuracy:.1f}%"
         assert rows["eps0.1"][i] == f"{100 * report.results[1].robust_accuracy:.1f}%"
+
+
+def test_certify_command_writes_the_bound_and_certified_accuracy(tiny_config, capsys):
+    from robustlab import Trainer
+    from robustlab.certify import certify
+
+    run = Trainer(tiny_config("epochs=1", "model.name=mlp")).fit()
+    assert main(["certify", str(run), "--radii", "0.1,0.5", "--n", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "L2 Lipschitz bound" in out and "radius 0.5" in out
+    result = json.loads((run / "certify.json").read_text())
+    data = rl.load_dataset("synthetic", "test", size=12, n_train=256, n_test=128, num_classes=4)
+    expected = certify(rl.load(run), data, radii=[0.1, 0.5], n=60, method="fft")
+    assert result["report"]["certified_accuracy"] == expected.certified_accuracy

@@ -122,6 +122,27 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_certify(args: argparse.Namespace) -> int:
+    from robustlab.certify import certify, lipschitz_bound
+    from robustlab.io import load, write_json
+
+    run = Path(args.run)
+    model = load(run, device=args.device)
+    data, name = _load_run_data(run, args.split, args.n)
+    bound = lipschitz_bound(model, data.shape, method=args.method)
+    print(f"run             {run}")
+    print(f"data            {name} {args.split} ({len(data)} images)")
+    print(bound.table())
+    report = certify(
+        model, data, radii=_split_floats(args.radii), kind=args.kind, method=args.method,
+        batch_size=args.batch_size,
+    )  # fmt: skip
+    print(report.table())
+    write_json(run / "certify.json", {"bound": bound.total, "report": report.__dict__})
+    print(f"written         {run / 'certify.json'}")
+    return 0
+
+
 def _cmd_attack(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -242,6 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("certify", help="Lipschitz bound and certified L2 accuracy of a run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--radii", default="0.5,1.0,1.5", help="comma-separated L2 radii")
+    p.add_argument("--kind", default="last_layer", choices=["last_layer", "lmt"])
+    p.add_argument(
+        "--method",
+        default="fft",
+        choices=["fft", "exact", "lmt", "power"],
+        help="fft (default), exact, lmt: proven bounds; power: an estimate",
+    )
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--n", type=int, default=0, help="use the first N images (default: all)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_certify)
 
     p = sub.add_parser(
         "attack", help="attack a trained run; save adversarial examples and a PNG grid"
