@@ -4,6 +4,7 @@ from robustlab.train.recipes import (  # noqa: F401  (register)
     advprop,
     fast,
     fgsm,
+    lmt,
     nfgsm,
     pgd,
     standard,
