@@ -234,3 +234,12 @@ class AdversarialRecipe(Recipe):
 
     def current_eps(self) -> float:
         return self.eps * self.ramp()
+
+    def train_on(
+        self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The outer minimisation on the adversarial batch: cross-entropy, logged eps."""
+        with self.optimizing(model):
+            logits = model(x_adv)
+            loss = self.cross_entropy(logits, y)
+        return {"loss": loss, "logits": logits, "eps": torch.tensor(self.current_eps())}

@@ -122,10 +122,7 @@ class FastTraining(AdversarialRecipe):
             )  # fmt: skip
             with self.attacking(model):
                 x = attack(x, y)
-        with self.optimizing(model):
-            logits = model(x)
-            loss = self.cross_entropy(logits, y)
-        return {"loss": loss, "logits": logits, "eps": torch.tensor(eps)}
+        return self.train_on(model, x, y)
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
         if self.guard is None:

@@ -47,7 +47,4 @@ class NFGSMTraining(AdversarialRecipe):
             attack = FGSM(self.unwrap(model), eps=self.step_size * self.ramp(), norm="linf")
             with self.attacking(model):
                 x = attack(x_noise, y)
-        with self.optimizing(model):
-            logits = model(x)
-            loss = self.cross_entropy(logits, y)
-        return {"loss": loss, "logits": logits, "eps": torch.tensor(eps)}
+        return self.train_on(model, x, y)

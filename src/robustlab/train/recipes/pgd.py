@@ -51,10 +51,7 @@ class PGDTraining(AdversarialRecipe):
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         x_adv = self.make_adversarial(model, x, y)
-        with self.optimizing(model):
-            logits = model(x_adv)
-            loss = self.cross_entropy(logits, y)
-        return {"loss": loss, "logits": logits, "eps": torch.tensor(self.current_eps())}
+        return self.train_on(model, x_adv, y)
 
 
 @RECIPES.register("sat")
