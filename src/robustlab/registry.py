@@ -85,6 +85,20 @@ def check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], what: str) -> N
     check_options(accepted, kwargs, what)
 
 
+def init_options(cls: type, base: type) -> list[str]:
+    """Keyword options ``cls`` accepts: its own ``__init__``'s and every ancestor's up to
+    ``base`` (subclasses pass the rest on with ``**kwargs``), in MRO order, no ``self``."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or not issubclass(klass, base):
+            continue
+        for p in inspect.signature(klass.__init__).parameters.values():
+            kinds = (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+            if p.kind in kinds and p.name != "self" and p.name not in names:
+                names.append(p.name)
+    return names
+
+
 def check_options(
     accepted: Iterable[str],
     kwargs: Iterable[str],

@@ -24,6 +24,9 @@ from robustlab.config import dump_config
 pytestmark = pytest.mark.distributed
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+needs_torchrun = pytest.mark.skipif(
+    not TORCHRUN.exists() and shutil.which("torchrun") is None, reason="torchrun not found"
+)
 
 
 def _run(config: Path, nproc: int) -> subprocess.CompletedProcess:
@@ -36,9 +39,7 @@ def _run(config: Path, nproc: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
 
 
-@pytest.mark.skipif(
-    not TORCHRUN.exists() and shutil.which("torchrun") is None, reason="torchrun not found"
-)
+@needs_torchrun
 def test_two_processes_match_one_process_with_the_global_batch(tiny_config, tmp_path):
     runs = {}
     for nproc in (1, 2):
@@ -64,9 +65,7 @@ def test_two_processes_match_one_process_with_the_global_batch(tiny_config, tmp_
     ]  # sharded eval, all-reduced
 
 
-@pytest.mark.skipif(
-    not TORCHRUN.exists() and shutil.which("torchrun") is None, reason="torchrun not found"
-)
+@needs_torchrun
 def test_batch_norm_model_trains_data_parallel(tiny_config, tmp_path):
     cfg = tiny_config(
         "model.name=wide_resnet", "model.options={depth: 10, width: 1}", "epochs=1",
@@ -87,9 +86,7 @@ def test_batch_norm_model_trains_data_parallel(tiny_config, tmp_path):
     assert clean_accuracy(load(run), test) == pytest.approx(logged)
 
 
-@pytest.mark.skipif(
-    not TORCHRUN.exists() and shutil.which("torchrun") is None, reason="torchrun not found"
-)
+@needs_torchrun
 def test_advprop_trains_data_parallel(tiny_config, tmp_path):
     """AdvProp under DDP with two auxiliary norms: one routed forward per step (DDP raises
     on a parameter left without gradient), it learns, and the saved run is the plain

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustlab.errors import RobustlabError, did_you_mean
-from robustlab.registry import Registry
+from robustlab.registry import Registry, init_options
 
 #: name -> Attack subclass
 ATTACKS: Registry[type[Attack]] = Registry("attack")
@@ -432,15 +432,7 @@ class Attack:
 
 def attack_options(cls: type[Attack]) -> set[str]:
     """Keyword options an attack class accepts (its own and its bases'), minus model/eps/norm."""
-    import inspect
-
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass) and issubclass(klass, Attack):
-            for p in inspect.signature(klass.__init__).parameters.values():
-                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
-                    names.add(p.name)
-    return names - {"self", "model", "eps", "norm"}
+    return set(init_options(cls, Attack)) - {"model", "eps", "norm"}
 
 
 def EOT(attack: Attack, n: int = 30) -> Attack:

@@ -9,7 +9,6 @@ new file that subclasses :class:`Recipe` and registers it.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,7 @@ from torch import nn
 from robustlab.errors import ConfigError
 from robustlab.nn.activations import SmoothGradReLU, make_activation
 from robustlab.nn.swap import smooth_gradients, swap_activations
-from robustlab.registry import Registry, check_options
+from robustlab.registry import Registry, check_options, init_options
 
 #: name -> Recipe subclass
 RECIPES: Registry[Callable[..., Recipe]] = Registry("recipe")
@@ -183,21 +182,8 @@ def create_recipe(name: str, *, label_smoothing: float = 0.0, **options: Any) ->
 
 
 def recipe_options(cls: type) -> list[str]:
-    """Option names a recipe class accepts: its own and, through ``**common``, the base's."""
-    names: list[str] = []
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names += [
-            p.name
-            for p in params
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names
-        ]
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            break
-    return [n for n in names if n != "label_smoothing"]
+    """Option names a recipe class accepts: its own and, through ``**common``, its bases'."""
+    return [n for n in init_options(cls, Recipe) if n != "label_smoothing"]
 
 
 class AdversarialRecipe(Recipe):
