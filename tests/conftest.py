@@ -57,3 +57,21 @@ def trained_mnist_model():
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     return model.eval(), test
+
+
+@pytest.fixture(scope="session")
+def lmt_mnist_model(tmp_path_factory):
+    """A MaxMin MLP trained briefly with Lipschitz-Margin Training on mnist5k, and the
+    test split (certified radii around 0.5-1)."""
+    import robustlab as rl
+    from robustlab.config import load_config
+    from robustlab.train import Trainer
+
+    overrides = [
+        f"out_dir={tmp_path_factory.mktemp('lmt')}", "name=lmt", "epochs=4",
+        "data.name=mnist5k", "data.batch_size=64", "model.name=mlp", "model.act=maxmin",
+        "model.options={hidden: [256, 256]}", "optim.name=adam", "optim.lr=0.001",
+        "recipe.name=lmt", "recipe.options={c: 0.5, c_ramp_epochs: 1}",
+    ]  # fmt: skip
+    run = Trainer(load_config(None, overrides)).fit()
+    return rl.load(run), rl.load_dataset("mnist5k", "test")

@@ -9,8 +9,11 @@ from robustlab.attacks import CW, PGD
 from robustlab.certify import certified_radius, certify
 
 
-def test_no_attack_breaks_a_certificate(trained_mnist_model):
-    model, test = trained_mnist_model
+@pytest.mark.parametrize("fixture", ["trained_mnist_model", "lmt_mnist_model"])
+def test_no_attack_breaks_a_certificate(fixture, request):
+    """A standard lenet and an LMT-trained MaxMin MLP: L2 PGD with a budget just below a
+    point's certified radius never flips it, and every CW success lies beyond it."""
+    model, test = request.getfixturevalue(fixture)
     x, y = test.float_images()[:200], test.y[:200]
     lmt = certified_radius(model, x, y, kind="lmt", method="fft")
     last = certified_radius(model, x, y, kind="last_layer", method="fft")
@@ -21,13 +24,10 @@ def test_no_attack_breaks_a_certificate(trained_mnist_model):
     for i in certified[:25].tolist():
         r = float(last.radius[i])
         xi, yi = x[i : i + 1], y[i : i + 1]
-        for eps in (0.99 * r, 30 * r):
-            attack = PGD(model, eps=eps, norm="l2", steps=50, restarts=2, seed=0)
-            fooled = bool(attack.run(xi, yi).success)
-            if eps < r:
-                assert not fooled, (i, r)  # a certificate is never broken
+        attack = PGD(model, eps=0.99 * r, norm="l2", steps=50, restarts=2, seed=0)
+        assert not bool(attack.run(xi, yi).success), (i, r)  # a certificate is never broken
     # the attacks are not toothless: far beyond the radii they do succeed
-    far = PGD(model, eps=3.0, norm="l2", steps=50, seed=0).run(x[certified[:25]], y[certified[:25]])
+    far = PGD(model, eps=4.0, norm="l2", steps=50, seed=0).run(x[certified[:25]], y[certified[:25]])
     assert far.success.float().mean() > 0.5
     cw = CW(model, steps=100).run(x[certified[:25]], y[certified[:25]])
     found = (cw.x_adv - x[certified[:25]]).flatten(1).norm(dim=1)

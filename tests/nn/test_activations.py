@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import robustlab as rl
+from robustlab.errors import ConfigError
 from robustlab.nn import (
+    MaxMin,
     ParametricSoftplus,
     SmoothGradReLU,
     SmoothReLU,
@@ -32,6 +34,23 @@ def test_parametric_softplus_matches_its_formula_and_its_derivative_is_sigmoid()
     torch.testing.assert_close(g, torch.sigmoid(10 * x.detach()))
     # tends to ReLU: the gap is at most log(2)/alpha, at 0
     assert float((y - F.relu(x)).detach().abs().max()) == pytest.approx(math.log(2) / 10, rel=1e-6)
+
+
+def test_maxmin_sorts_channel_pairs_and_is_a_norm_preserving_contraction():
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, 3, 3, dtype=torch.float64)
+    y = MaxMin()(x)
+    for i in range(3):  # channel i is paired with channel i + 3, by definition
+        pair = torch.stack([x[:, i], x[:, i + 3]])
+        torch.testing.assert_close(y[:, i], pair.amax(0))
+        torch.testing.assert_close(y[:, i + 3], pair.amin(0))
+    torch.testing.assert_close(y.flatten(1).norm(dim=1), x.flatten(1).norm(dim=1))
+    a, b = torch.randn(1000, 8, dtype=torch.float64), torch.randn(1000, 8, dtype=torch.float64)
+    gap_in, gap_out = (a - b).norm(dim=1), (MaxMin()(a) - MaxMin()(b)).norm(dim=1)
+    assert bool((gap_out <= gap_in * (1 + 1e-12)).all())  # 1-Lipschitz in L2
+    assert isinstance(make_activation("maxmin"), MaxMin)
+    with pytest.raises(ConfigError, match="even number of channels"):
+        MaxMin()(torch.randn(2, 3))
 
 
 def test_smooth_relu_formula_and_a_continuous_derivative():

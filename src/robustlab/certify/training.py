@@ -16,9 +16,8 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from robustlab.certify.lipschitz import LipschitzError, _Tracer, lipschitz_bound
+from robustlab.certify.lipschitz import LipschitzError, _Tracer, lipschitz_bound, propagate_shapes
 
 _SUMS = {operator.add, torch.add, operator.sub, torch.sub}
 
@@ -44,8 +43,7 @@ class LipschitzTracker(nn.Module):
         model.eval()
         try:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            with torch.no_grad():
-                ShapeProp(gm).propagate(torch.zeros(shape, device=device))
+            propagate_shapes(gm, torch.zeros(shape, device=device))
             report = lipschitz_bound(model, shape, method="lmt", fold_bn=False)
         finally:
             for m, mode in modes.items():
@@ -72,7 +70,7 @@ class LipschitzTracker(nn.Module):
                 modules[node.target], (nn.Linear, nn.Conv2d)
             )
             if weighted:
-                in_shape = tuple(node.args[0].meta["tensor_meta"].shape)
+                in_shape = node.args[0].meta["shape"]
                 u = torch.randn((1, *in_shape[1:]), generator=torch.Generator().manual_seed(0))
                 name = f"u_{node.name}"
                 self.register_buffer(name, (u / u.norm()).to(device))

@@ -2,6 +2,7 @@
 
 from robustlab.nn.activations import (
     ACTIVATIONS,
+    MaxMin,
     ParametricSoftplus,
     SmoothGradReLU,
     SmoothReLU,
@@ -22,6 +23,7 @@ __all__ = [
     "ACTIVATIONS",
     "AuxBNError",
     "AuxBatchNorm",
+    "MaxMin",
     "ParametricSoftplus",
     "SmoothGradReLU",
     "SmoothReLU",

@@ -103,6 +103,24 @@ class SmoothGradReLU(nn.Module):
         return f"alpha={self.alpha}"
 
 
+class MaxMin(nn.Module):
+    """GroupSort with groups of two (Anil, Lucas & Grosse, ICML 2019): channel pairs
+    ``(a, b)`` become ``(max(a, b), min(a, b))``.
+
+    Pairs are channel ``i`` and ``i + C/2`` (dimension 1; C must be even). On each input
+    region the map is a permutation, so it is 1-Lipschitz in L2 and preserves gradient
+    norms, where ReLU halves them: a product of per-layer bounds can then be nearly
+    tight, which is what Lipschitz-margin training needs.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] % 2:
+            shape = tuple(x.shape)
+            raise ConfigError(f"maxmin needs an even number of channels, got shape {shape}")
+        a, b = x.chunk(2, dim=1)
+        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+
+
 ACTIVATIONS.register("relu")(lambda: nn.ReLU(inplace=False))
 ACTIVATIONS.register("leaky_relu")(lambda slope=0.1: nn.LeakyReLU(slope))
 ACTIVATIONS.register("softplus")(lambda: nn.Softplus())
@@ -113,6 +131,7 @@ ACTIVATIONS.register("gelu")(lambda: nn.GELU())
 ACTIVATIONS.register("elu")(lambda: nn.ELU())
 ACTIVATIONS.register("tanh")(lambda: nn.Tanh())
 ACTIVATIONS.register("sigmoid")(lambda: nn.Sigmoid())
+ACTIVATIONS.register("maxmin")(MaxMin)
 
 ActSpec = str | Callable[[], nn.Module]
 

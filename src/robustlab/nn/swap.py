@@ -22,6 +22,7 @@ from torch import fx, nn
 from robustlab.errors import RobustlabError
 from robustlab.nn.activations import (
     ActSpec,
+    MaxMin,
     ParametricSoftplus,
     SmoothGradReLU,
     SmoothReLU,
@@ -32,7 +33,7 @@ from robustlab.nn.activations import (
 #: ReLU-like and are left alone)
 SWAPPABLE: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Softplus, nn.SiLU, nn.GELU, nn.ELU, nn.CELU, nn.Mish,
-    ParametricSoftplus, SmoothReLU, SmoothGradReLU,
+    ParametricSoftplus, SmoothReLU, SmoothGradReLU, MaxMin,
 )  # fmt: skip
 
 _FUNCTIONS = {
