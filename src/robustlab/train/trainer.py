@@ -193,6 +193,8 @@ class Trainer:
             )
         self.train_data, self.test_data = train, test
         c, h, w = train.shape
+        if "act" in cfg.model.options:
+            raise ConfigError("set the activation with model.act, not model.options.act")
         spec_kwargs: dict[str, Any] = dict(
             num_classes=train.num_classes, in_channels=c, input_size=[h, w], act=cfg.model.act,
             **cfg.model.options,
