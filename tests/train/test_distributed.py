@@ -107,3 +107,23 @@ def test_advprop_trains_data_parallel(tiny_config, tmp_path):
     assert {k.split(".aux.")[1].split(".", 1)[0] for k in aux} == {"0", "1"}  # two aux norms
     meta = json.loads((run / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["final"]["test_acc"] > 0.4  # chance: 0.25
+
+
+@needs_torchrun
+def test_lmt_two_processes_match_one_process(tiny_config, tmp_path):
+    """LMT's bound enters every rank's loss identically (same weights, same persistent
+    power-iteration vectors), so DDP's averaged gradient is the one-process gradient."""
+    weights = {}
+    for nproc in (1, 2):
+        cfg = tiny_config(
+            f"name=lmt{nproc}", "model.name=mlp", "model.act=maxmin", "optim.name=sgd",
+            "optim.lr=0.05", "recipe.name=lmt", "recipe.options={c: 0.1, c_ramp_epochs: 1}",
+            "data.options={size: 8, n_train: 128, n_test: 64, num_classes: 4}",
+        )  # fmt: skip
+        path = tmp_path / f"lmt{nproc}.yaml"
+        path.write_text(dump_config(cfg))
+        result = _run(path, nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights[nproc] = load_file(str(tmp_path / "runs" / f"lmt{nproc}" / "model.safetensors"))
+    for key in weights[1]:
+        torch.testing.assert_close(weights[2][key], weights[1][key], rtol=1e-4, atol=1e-5)
