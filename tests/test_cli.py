@@ -168,3 +168,10 @@ def test_certify_command_writes_the_bound_and_certified_accuracy(tiny_config, ca
     data = rl.load_dataset("synthetic", "test", size=12, n_train=256, n_test=128, num_classes=4)
     expected = certify(rl.load(run), data, radii=[0.1, 0.5], n=60, method="fft")
     assert result["report"]["certified_accuracy"] == expected.certified_accuracy
+    assert (run / "certified.png").stat().st_size > 0
+    # the curve (and the plot) agree with the table at the requested radii
+    for radius, acc in zip([0.1, 0.5], expected.certified_accuracy):
+        assert expected.accuracy_at(radius) == pytest.approx(acc)
+    curve = expected.curve()
+    assert curve[0] == (0.0, expected.clean_accuracy) and curve[-1][1] > 0
+    assert [a for _, a in curve] == sorted((a for _, a in curve), reverse=True)

@@ -140,6 +140,14 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     print(report.table())
     write_json(run / "certify.json", {"bound": bound.total, "report": report.__dict__})
     print(f"written         {run / 'certify.json'}")
+    if not args.no_plot:
+        from robustlab.evaluate.plots import save_accuracy_curve
+
+        path = save_accuracy_curve(
+            {f"{run.name} ({args.kind})": report.curve()}, run / "certified.png",
+            xlabel="certified L2 radius (pixel units)", marker=None,
+        )  # fmt: skip
+        print(f"written         {path}")
     return 0
 
 
@@ -278,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=0, help="use the first N images (default: all)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", default=None)
+    p.add_argument("--no-plot", action="store_true", help="skip certified.png")
     p.set_defaults(func=_cmd_certify)
 
     p = sub.add_parser(

@@ -74,14 +74,18 @@ def save_adversarial_grid(
 
 
 def save_accuracy_curve(
-    curves: dict[str, list[tuple[float, float]]], path: str | Path, norm: str = "linf"
+    curves: dict[str, list[tuple[float, float]]],
+    path: str | Path,
+    norm: str = "linf",
+    xlabel: str | None = None,
+    marker: str | None = "o",
 ) -> Path:
-    """Robust accuracy versus epsilon, one line per model or attack."""
+    """Robust (or certified) accuracy versus epsilon, one line per model or attack."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, points in curves.items():
-        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=label)
-    ax.set_xlabel(f"eps ({norm}, pixel units)")
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=marker, label=label)
+    ax.set_xlabel(xlabel or f"eps ({norm}, pixel units)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
