@@ -17,12 +17,13 @@ What is guaranteed (``LipschitzReport.guaranteed``):
   up to floating-point rounding.
 - ``method="lmt"``: Linear by SVD, convolutions by LMT's closed form
   ``sigma_max(W reshaped) * sqrt(overlap)``: provable, looser.
-- ``method="power"``: power iteration (conv and its transpose at the actual
-  input shape) until the estimate changes by less than ``tol`` relatively. The estimate
-  ``||A v||`` is always a *lower* bound of the norm; it is an upper bound only once it
-  has converged to the top singular value, which a random start reaches with
-  probability one but not with proof. The reported bound multiplies the estimate by
-  ``1 + margin``; a layer that did not converge is flagged (``converged`` False). A
+- ``method="power"``: power iteration with conv and its transpose at the actual input
+  shape, accelerated by Lanczos bidiagonalisation, until the Ritz residual is below
+  ``tol`` times the estimate. The estimate is always a *lower* bound of the norm; it is
+  an upper bound only once it has converged to the top singular value, which a random
+  start reaches with probability one but not with proof. The reported bound multiplies
+  the estimate by ``1 + margin``; a layer that did not converge is flagged
+  (``converged`` False). A
   power-iteration report is never ``guaranteed``; certificates meant as proofs should
   use ``fft``, ``exact`` or ``lmt`` (the tests check ``power`` against them).
 
@@ -150,21 +151,55 @@ _IDENTITY_METHODS = {"view", "reshape", "flatten", "contiguous", "relu", "relu_"
 def _power_iteration(
     apply, apply_t, shape, iters: int, tol: float, generator, dtype=torch.float32
 ) -> tuple[float, bool]:
-    """Estimate ``||A v||`` of the top singular value (a lower bound), and whether the
-    estimate settled (relative change below ``tol``) within ``iters`` iterations."""
+    """Estimate the top singular value of the linear map ``apply`` (adjoint ``apply_t``)
+    from below, and whether the estimate converged within ``iters`` products.
+
+    Power iteration accelerated by Lanczos bidiagonalisation (Golub & Kahan 1965): the
+    ``k`` products span the Krylov space that contains the power iterate after ``k``
+    steps, so the estimate (the top singular value of the small bidiagonal matrix) is
+    never below power iteration's and is still a lower bound of the true norm; it
+    converges in tens of products where plain power iteration needs hundreds when the
+    top singular values are clustered (random or trained convolutions). Converged: the
+    Ritz pair's residual ``beta_k |p_k|`` (p: the bidiagonal's top left singular vector)
+    is below ``tol`` times the estimate, i.e. some
+    singular value lies within that distance (it is the largest with probability one
+    from a random start, not with proof: hence the margin and the flag upstream).
+    Both Krylov bases are fully re-orthogonalised.
+    """
     v = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
-    v /= v.norm()
+    vs: list[torch.Tensor] = [v / v.norm()]
+    us: list[torch.Tensor] = []
+    alphas: list[float] = []
+    betas: list[float] = []
     sigma, converged = 0.0, False
-    for _ in range(iters):
-        u = apply(v)
-        new = float(u.norm())
-        v = apply_t(u)
-        v /= v.norm() + 1e-30
-        if sigma > 0 and abs(new - sigma) <= tol * new:
+    for k in range(1, iters + 1):
+        u = apply(vs[-1])
+        if us:
+            u = u - betas[-1] * us[-1]
+            for w in us:  # full re-orthogonalisation
+                u = u - (w * u).sum() * w
+        alpha = float(u.norm())
+        if alpha <= 1e-30:  # the Krylov space is exhausted: the estimate is exact
             converged = True
             break
-        sigma = new
-    return float(apply(v).norm()), converged
+        us.append(u / alpha)
+        alphas.append(alpha)
+        v = apply_t(us[-1]) - alpha * vs[-1]
+        for w in vs:
+            v = v - (w * v).sum() * w
+        beta = float(v.norm())
+        bidiag = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if k > 1:
+            bidiag += torch.diag(torch.tensor(betas, dtype=torch.float64), 1)
+        left, svals, _ = torch.linalg.svd(bidiag)
+        sigma = float(svals[0])
+        residual = beta * abs(float(left[-1, 0]))  # ||A^T U p - sigma V q||, the Ritz pair
+        if residual <= tol * sigma or beta <= 1e-30:
+            converged = True
+            break
+        betas.append(beta)
+        vs.append(v / beta)
+    return sigma, converged
 
 
 def _conv_ops(
@@ -265,43 +300,48 @@ def fft_conv_bound(conv: nn.Conv2d, weight: torch.Tensor, in_shape: tuple[int, .
     fu = torch.arange(grid_h, dtype=torch.float64)[None, None, :, None]
     fv = torch.arange(grid_w // 2 + 1, dtype=torch.float64)[None, None, None, :]
     angle = (2 * math.pi * (rows * fu / grid_h + cols * fv / grid_w)).flatten(2).flatten(0, 1)
-    taps = weight.flatten(2).flatten(0, 1)  # (C_out C_in) x taps
-    spectrum = torch.complex(taps @ torch.cos(angle), -(taps @ torch.sin(angle)))
-    return _max_spectral_norm(spectrum.T.reshape(-1, *weight.shape[:2]))
+    taps = weight.flatten(2).flatten(0, 1).T  # taps x (C_out C_in)
+    spectrum = torch.complex(torch.cos(angle).T @ taps, -(torch.sin(angle).T @ taps))
+    return _max_spectral_norm(spectrum.reshape(-1, *weight.shape[:2]))  # frequencies first
 
 
 def _max_spectral_norm(matrices: torch.Tensor) -> float:
     """A proven upper bound on the largest singular value of a batch of complex matrices,
     within a relative 1e-4 or so of it.
 
-    A few power-iteration steps on every Gram matrix G_f give lower estimates; if they
-    have settled, their maximum times ``1 + rel`` is a candidate t, and a Cholesky
-    factorisation of ``t I - G_f`` succeeding proves ``lambda_max(G_f) < t`` (a Hermitian
-    matrix is positive definite iff it has one). Where it fails, or the estimates had not
-    settled, an eigenvalue solver gives the frequencies' values. Single precision, with
-    ``rel = max(1e-4, 8 n u)``: the forward error of the n-term products that form G
-    and the backward error of Cholesky are below ``n u ||G||`` each (u = 2^-24), so the
-    margin covers both with room to spare.
+    Eight power-iteration steps on every ``A_f^H A_f`` give lower estimates of each
+    ``lambda_max``. If they have settled, their maximum times ``1 + rel`` is a candidate
+    t, and a Cholesky factorisation of ``t I - G_f`` succeeding for every f proves
+    ``lambda_max(G_f) < t`` (a Hermitian matrix is positive definite iff it has one);
+    G and the factorisation are in double precision, whose rounding (at most about
+    ``n^2 2^-53`` relative) the final ``1 + rel`` factor covers many times over.
+    Otherwise (clustered top singular values, as random weights have), or where a
+    factorisation fails, an eigenvalue solver gives the frequencies' values, in single
+    precision: its backward error and the Gram's forward error are each about
+    ``n 2^-24 ||G||``, below ``rel = max(1e-4, 8 n 2^-24)``.
     """
-    a = matrices.to(torch.complex64)
-    gram = a.mH @ a if a.shape[-1] <= a.shape[-2] else a @ a.mH
-    n = gram.shape[-1]
+    a = matrices.to(torch.complex64).contiguous()  # strided batches multiply slowly
+    small = min(a.shape[-2:])
     rel = max(1e-4, 8 * max(a.shape[-2:]) * 2.0**-24)
-    v = torch.randn(gram.shape[0], n, 1, generator=torch.Generator().manual_seed(0))
-    v = v.to(gram.dtype)
-    estimates = []
-    for _ in range(8):
-        v = gram @ v
-        estimates.append(float(v.norm(dim=1).max()))  # ||G v|| for unit v: a lower bound
+    v = torch.randn(a.shape[0], a.shape[-1], 1, generator=torch.Generator().manual_seed(0))
+    v = v.to(a.dtype) / v.norm(dim=1, keepdim=True)
+    estimates, ah = [], a.mH.resolve_conj()  # a materialised conjugate: 5x faster products
+    for _ in range(8):  # v <- A^H A v, without forming the Gram matrices
+        v = ah @ (a @ v)
+        estimates.append(float(v.norm(dim=1).max()))  # ||G v||, v unit: <= lambda_max
         v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    failed = torch.ones(gram.shape[0], dtype=torch.bool)
     t = max(estimates[-1], 1e-30) * (1 + rel)
+    failed = torch.ones(a.shape[0], dtype=torch.bool)
     if estimates[-1] - estimates[-2] <= 0.1 * rel * estimates[-1]:  # settled: worth a proof
-        failed = torch.linalg.cholesky_ex(t * torch.eye(n, dtype=gram.dtype) - gram).info != 0
-    if bool(failed.any()):  # clustered top singular values (e.g. random weights): solve
-        top = float(torch.linalg.eigvalsh(gram[failed])[:, -1].max())
-        t = max(t, top * (1 + rel))
-    return math.sqrt(t)
+        a64 = matrices.to(torch.complex128)
+        gram = a64.mH @ a64 if a64.shape[-1] <= a64.shape[-2] else a64 @ a64.mH
+        eye = torch.eye(small, dtype=gram.dtype)
+        failed = torch.linalg.cholesky_ex(t * eye - gram).info != 0
+    if bool(failed.any()):
+        sub = a[failed]
+        gram = sub.mH @ sub if sub.shape[-1] <= sub.shape[-2] else sub @ sub.mH
+        t = max(t, float(torch.linalg.eigvalsh(gram)[:, -1].max()) * (1 + rel))
+    return math.sqrt(t * (1 + rel))
 
 
 def dense_matrix(apply, in_shape: tuple[int, ...]) -> torch.Tensor:
@@ -358,7 +398,7 @@ def lipschitz_bound(
     *,
     method: str = "fft",
     iters: int = 300,
-    tol: float = 1e-5,
+    tol: float = 1e-3,
     margin: float = 1e-2,
     fold_bn: bool = True,
     seed: int = 0,
@@ -373,7 +413,11 @@ def lipschitz_bound(
             (convolution norms depend on it).
         method: ``"fft"`` (default), ``"exact"``, ``"lmt"`` (proven) or ``"power"`` (an
             estimate); see the module docstring.
-        iters, tol: power-iteration budget and relative convergence tolerance.
+        iters, tol: budget of products and convergence tolerance of the ``power`` method
+            (Lanczos-accelerated power iteration; converged when the Ritz residual is
+            below ``tol`` times the estimate, which puts the estimate itself far closer:
+            1e-3 gives per-layer values within ~1e-4 of full convergence on
+            preact_resnet18, well inside ``margin``).
         margin: relative safety margin on power-iteration estimates.
         fold_bn: fold a batch norm into the convolution or linear layer it directly
             follows (their product's norm, tighter than the product of norms).
