@@ -61,6 +61,27 @@ def test_every_conv_bound_is_at_least_the_exact_norm_of_its_dense_matrix(spec):
     assert estimate == pytest.approx(exact, rel=1e-4)
 
 
+@pytest.mark.parametrize("spec", CONVS[:6], ids=lambda s: f"k{s['k']}s{s['stride']}p{s['padding']}")
+def test_fft_bound_is_the_circular_convolution_norm_over_every_frequency(spec):
+    """Against a plain reference: the kernel zero-padded to the (H + p) grid, its full 2-D
+    FFT (no conjugate-pair pruning, no tap-wise DFT), the largest singular value over all
+    frequencies."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(spec["cin"], spec["cout"], spec["k"], stride=spec["stride"],
+                     padding=spec["padding"], dilation=spec.get("dilation", 1))  # fmt: skip
+    n, p, d, k = spec["size"], spec["padding"], spec.get("dilation", 1), spec["k"]
+    grid = n + p
+    kernel = torch.zeros(spec["cout"], spec["cin"], grid, grid, dtype=torch.float64)
+    for a in range(k):
+        for b in range(k):
+            kernel[:, :, (a * d) % grid, (b * d) % grid] += conv.weight[:, :, a, b].double()
+    spectrum = torch.fft.fft2(kernel).permute(2, 3, 0, 1).reshape(-1, spec["cout"], spec["cin"])
+    reference = float(torch.linalg.svdvals(spectrum)[:, 0].max())
+    shape = (1, spec["cin"], n, n)
+    assert fft_conv_bound(conv, conv.weight, shape) == pytest.approx(reference, rel=3e-4)
+    assert fft_conv_bound(conv, conv.weight, shape) >= reference
+
+
 @pytest.mark.parametrize("separated", [True, False])
 def test_max_spectral_norm_is_a_tight_upper_bound(separated):
     """Both paths: Cholesky-verified estimate (a dominant singular value) and the
