@@ -145,7 +145,7 @@ def _cmd_certify(args: argparse.Namespace) -> int:
 
         path = save_accuracy_curve(
             {f"{run.name} ({args.kind})": report.curve()}, run / "certified.png",
-            xlabel="certified L2 radius (pixel units)", marker=None,
+            xlabel="L2 radius (pixel units)", ylabel="certified accuracy (%)", marker=None,
         )  # fmt: skip
         print(f"written         {path}")
     return 0

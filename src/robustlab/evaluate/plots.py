@@ -79,6 +79,7 @@ def save_accuracy_curve(
     norm: str = "linf",
     xlabel: str | None = None,
     marker: str | None = "o",
+    ylabel: str = "accuracy (%)",
 ) -> Path:
     """Robust (or certified) accuracy versus epsilon, one line per model or attack."""
     plt = _pyplot()
@@ -86,7 +87,7 @@ def save_accuracy_curve(
     for label, points in curves.items():
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=marker, label=label)
     ax.set_xlabel(xlabel or f"eps ({norm}, pixel units)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend()
