@@ -142,14 +142,17 @@ class CertifyReport:
     point_radii: list[float] = field(default_factory=list, repr=False)  #: per point, 0 if wrong
 
     def accuracy_at(self, radius: float) -> float:
-        """Certified accuracy at any radius (from the per-point radii)."""
-        return sum(r >= radius and r > 0 for r in self.point_radii) / max(1, self.n)
+        """Certified accuracy at any radius > 0 (from the per-point radii; a point
+        certified at radius r > 0 is correctly classified); the clean accuracy at 0."""
+        if radius <= 0:
+            return self.clean_accuracy
+        return sum(r >= radius for r in self.point_radii) / max(1, self.n)
 
     def curve(self, points: int = 41) -> list[tuple[float, float]]:
         """(radius, certified accuracy) from 0 to the largest certified radius."""
         top = max(self.point_radii, default=0.0) or 1.0
         grid = [top * i / (points - 1) for i in range(points)]
-        return [(0.0, self.clean_accuracy)] + [(r, self.accuracy_at(r)) for r in grid[1:]]
+        return [(r, self.accuracy_at(r)) for r in grid]
 
     def table(self) -> str:
         lines = [
@@ -201,5 +204,5 @@ def certify(
         kind=kind,
         lipschitz=float(lip),
         method=method,
-        point_radii=[float(v) if ok else 0.0 for v, ok in zip(r.tolist(), c.tolist())],
+        point_radii=r.tolist(),  # 0 where misclassified (certified_radius)
     )

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustlab.attacks import PGD
 from robustlab.errors import ConfigError
 from robustlab.nn.activations import SmoothGradReLU, make_activation
 from robustlab.nn.swap import smooth_gradients, swap_activations
@@ -220,6 +221,30 @@ class AdversarialRecipe(Recipe):
 
     def current_eps(self) -> float:
         return self.eps * self.ramp()
+
+    def pgd_example(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        steps: int,
+        step_size: float,
+        **options: Any,
+    ) -> torch.Tensor:
+        """PGD at the current eps inside :meth:`attacking` (``x`` itself while eps is 0).
+
+        ``step_size`` is the step at the full eps; it is scaled with the ramp.
+        """
+        eps = self.current_eps()
+        if eps == 0:
+            return x
+        attack = PGD(
+            self.unwrap(model), eps=eps, steps=steps, step_size=step_size * self.ramp(),
+            norm=self.norm, **options,
+        )  # fmt: skip
+        with self.attacking(model):
+            return attack(x, y)
 
     def train_on(
         self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor

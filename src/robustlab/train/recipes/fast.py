@@ -114,14 +114,7 @@ class FastTraining(AdversarialRecipe):
             self.guard.x, self.guard.y = x, y
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        eps = self.current_eps()
-        if eps > 0:
-            attack = PGD(
-                self.unwrap(model), eps=eps, steps=1, step_size=self.step_size * self.ramp(),
-                norm=self.norm, random_start=True,
-            )  # fmt: skip
-            with self.attacking(model):
-                x = attack(x, y)
+        x = self.pgd_example(model, x, y, steps=1, step_size=self.step_size, random_start=True)
         return self.train_on(model, x, y)
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:

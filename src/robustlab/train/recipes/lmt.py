@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustlab.attacks import PGD
 from robustlab.certify.training import LipschitzTracker
 from robustlab.errors import ConfigError
 from robustlab.train.recipes.base import RECIPES, AdversarialRecipe
@@ -78,15 +77,9 @@ class LMTTraining(AdversarialRecipe):
 
     def make_adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The PGD example of the batch (``x`` itself when ``eps`` is 0)."""
-        eps = self.current_eps()
-        if eps == 0:
-            return x
-        attack = PGD(
-            self.unwrap(model), eps=eps, steps=self.steps, step_size=2.5 * eps / self.steps,
-            norm=self.norm,
-        )  # fmt: skip
-        with self.attacking(model):
-            return attack(x, y)
+        return self.pgd_example(
+            model, x, y, steps=self.steps, step_size=2.5 * self.eps / self.steps
+        )
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         tracker = self._tracker(model, x)

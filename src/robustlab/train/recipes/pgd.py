@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustlab.attacks import PGD
 from robustlab.errors import ConfigError
 from robustlab.train.recipes.base import RECIPES, AdversarialRecipe
 
@@ -39,15 +38,7 @@ class PGDTraining(AdversarialRecipe):
         self.step_size = 2.5 * self.eps / steps if step_size is None else float(step_size)
 
     def make_adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        eps = self.current_eps()
-        if eps == 0:
-            return x
-        attack = PGD(
-            self.unwrap(model), eps=eps, steps=self.steps,
-            step_size=self.step_size * self.ramp(), norm=self.norm,
-        )  # fmt: skip
-        with self.attacking(model):
-            return attack(x, y)
+        return self.pgd_example(model, x, y, steps=self.steps, step_size=self.step_size)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         x_adv = self.make_adversarial(model, x, y)
