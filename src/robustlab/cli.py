@@ -135,7 +135,7 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     print(bound.table())
     report = certify(
         model, data, radii=_split_floats(args.radii), kind=args.kind, method=args.method,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, bound=bound if args.kind == "lmt" else None,
     )  # fmt: skip
     print(report.table())
     write_json(run / "certify.json", {"bound": bound.total, "report": report.__dict__})

@@ -39,19 +39,25 @@ def _run(config: Path, nproc: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
 
 
-@needs_torchrun
-def test_two_processes_match_one_process_with_the_global_batch(tiny_config, tmp_path):
+def _one_and_two_processes(tiny_config, tmp_path, tag: str, *overrides: str) -> dict:
+    """Train the same config with 1 and with 2 processes; the two run directories."""
     runs = {}
     for nproc in (1, 2):
         cfg = tiny_config(
-            f"name=n{nproc}", "model.name=mlp", "optim.name=sgd", "optim.lr=0.05",
-            "data.options={size: 8, n_train: 128, n_test: 64, num_classes: 4}",
+            f"name={tag}{nproc}", "model.name=mlp", "optim.name=sgd", "optim.lr=0.05",
+            "data.options={size: 8, n_train: 128, n_test: 64, num_classes: 4}", *overrides,
         )  # fmt: skip
-        path = tmp_path / f"n{nproc}.yaml"
+        path = tmp_path / f"{tag}{nproc}.yaml"
         path.write_text(dump_config(cfg))
         result = _run(path, nproc)
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[nproc] = tmp_path / "runs" / f"n{nproc}"
+        runs[nproc] = tmp_path / "runs" / f"{tag}{nproc}"
+    return runs
+
+
+@needs_torchrun
+def test_two_processes_match_one_process_with_the_global_batch(tiny_config, tmp_path):
+    runs = _one_and_two_processes(tiny_config, tmp_path, "n")
     meta = json.loads((runs[2] / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["status"] == "complete"
     one, two = (load_file(str(runs[n] / "model.safetensors")) for n in (1, 2))
@@ -113,17 +119,10 @@ def test_advprop_trains_data_parallel(tiny_config, tmp_path):
 def test_lmt_two_processes_match_one_process(tiny_config, tmp_path):
     """LMT's bound enters every rank's loss identically (same weights, same persistent
     power-iteration vectors), so DDP's averaged gradient is the one-process gradient."""
-    weights = {}
-    for nproc in (1, 2):
-        cfg = tiny_config(
-            f"name=lmt{nproc}", "model.name=mlp", "model.act=maxmin", "optim.name=sgd",
-            "optim.lr=0.05", "recipe.name=lmt", "recipe.options={c: 0.1, c_ramp_epochs: 1}",
-            "data.options={size: 8, n_train: 128, n_test: 64, num_classes: 4}",
-        )  # fmt: skip
-        path = tmp_path / f"lmt{nproc}.yaml"
-        path.write_text(dump_config(cfg))
-        result = _run(path, nproc)
-        assert result.returncode == 0, result.stderr[-3000:]
-        weights[nproc] = load_file(str(tmp_path / "runs" / f"lmt{nproc}" / "model.safetensors"))
+    runs = _one_and_two_processes(
+        tiny_config, tmp_path, "lmt", "model.act=maxmin", "recipe.name=lmt",
+        "recipe.options={c: 0.1, c_ramp_epochs: 1}",
+    )  # fmt: skip
+    weights = {n: load_file(str(run / "model.safetensors")) for n, run in runs.items()}
     for key in weights[1]:
         torch.testing.assert_close(weights[2][key], weights[1][key], rtol=1e-4, atol=1e-5)

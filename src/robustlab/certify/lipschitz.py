@@ -320,8 +320,7 @@ def fft_conv_bound(conv: nn.Conv2d, weight: torch.Tensor, in_shape: tuple[int, .
 
 def _in_parallel(jobs: dict[str, Callable[[], float]]) -> dict[str, float]:
     """Run independent jobs on ``torch.get_num_threads()`` Python threads, each with one
-    torch thread (the caller's setting is restored); largest first is left to the
-    caller's order. Results by key."""
+    torch thread (the caller's setting is restored afterwards). Results by key."""
     threads = torch.get_num_threads()
     if threads <= 1 or len(jobs) <= 1:
         return {k: job() for k, job in jobs.items()}
@@ -559,9 +558,8 @@ def _walk(gm, shape, method, iters, tol, margin, fold_bn, seed, compare_lmt) -> 
         else:  # Conv2d
             in_shape = shape_of(node.args[0])
             lmt = lmt_conv_bound(m, weight, in_shape) if method == "lmt" or compare_lmt else None
-            dtype = torch.float64 if method == "exact" else torch.float32
-            apply, apply_t, _ = _conv_ops(m, weight, in_shape, dtype)
             if method == "power":
+                apply, apply_t, _ = _conv_ops(m, weight, in_shape, torch.float32)
                 sigma, ok = _power_iteration(
                     apply, apply_t, (1, *in_shape[1:]), iters, tol, generator
                 )
@@ -574,10 +572,8 @@ def _walk(gm, shape, method, iters, tol, margin, fold_bn, seed, compare_lmt) -> 
                 closed = lmt_conv_bound(m, weight, in_shape)
                 result = LayerBound(node.name, name, closed, "lmt", True, closed)
             else:
-                n_in, n_out = (
-                    math.prod(in_shape[1:]),
-                    math.prod(apply(torch.zeros(1, *in_shape[1:], dtype=torch.float64)).shape),
-                )
+                apply, _, out_shape = _conv_ops(m, weight, in_shape, torch.float64)
+                n_in, n_out = math.prod(in_shape[1:]), math.prod(out_shape)
                 if n_in * n_out > 25_000_000:
                     raise LipschitzError(
                         f"method='exact' builds the dense {n_out}x{n_in} matrix of {node.name}: "

@@ -175,9 +175,13 @@ def certify(
     method: str = "fft",
     n: int | None = None,
     batch_size: int = 500,
+    bound: LipschitzReport | float | None = None,
 ) -> CertifyReport:
     """Certified accuracy (correct and certified radius >= r) at each radius, and the
     median certified radius over all points (0 for misclassified ones).
+
+    ``bound`` is a precomputed constant as in :func:`certified_radius` (the network's
+    for ``kind="lmt"``, the features' for ``"last_layer"``); computed once when omitted.
 
     Example:
         >>> print(certify(model, rl.load_dataset("mnist5k", "test"), radii=[0.5, 1.0]).table())
@@ -187,7 +191,7 @@ def certify(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     x_all, y_all = data.float_images(), data.y
     radius, correct = [], []
-    lip = None  # computed by the first batch, re-used by the others
+    lip = bound  # if None: computed by the first batch, re-used by the others
     for i in range(0, len(data), batch_size):
         x, y = x_all[i : i + batch_size].to(device), y_all[i : i + batch_size].to(device)
         cert = certified_radius(model, x, y, bound=lip, kind=kind, method=method)
