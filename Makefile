@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The stamp names the torch spec, so `make test TORCH=...` reinstalls when it changes.
 STAMP := $(VENV)/.installed-$(subst /,_,$(subst =,_,$(subst <,_,$(subst >,_,$(TORCH)))))
 
-.PHONY: setup demo test test-all lint format clean
+.PHONY: setup demo test test-all lint format clean mutate
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q
+
+mutate: setup  # plant each bug listed in mutants/*.yaml, expect its tests to fail
+	$(BIN)/python tools/mutate.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,5 +1,13 @@
 """Model surgery and building blocks that work on any ``nn.Module``."""
 
+from robustlab.nn.adapt import (
+    Classifier,
+    OutputError,
+    as_classifier,
+    check_logits,
+    preserve_modes,
+    select_output,
+)
 from robustlab.nn.activations import (
     ACTIVATIONS,
     MaxMin,
@@ -20,6 +28,12 @@ from robustlab.nn.aux_bn import (
 from robustlab.nn.swap import SwapError, count_activations, smooth_gradients, swap_activations
 
 __all__ = [
+    "Classifier",
+    "OutputError",
+    "as_classifier",
+    "check_logits",
+    "preserve_modes",
+    "select_output",
     "ACTIVATIONS",
     "AuxBNError",
     "AuxBatchNorm",
