@@ -154,12 +154,18 @@ class UntraceableModules(nn.Module):
 
 
 def test_an_untraceable_model_with_functional_relus_is_refused_naming_the_call():
-    with pytest.raises(SwapError, match=r"UntraceableFunctional\.forward:\d+: return F\.relu"):
-        swap_activations(UntraceableFunctional(), "silu")
+    site = r"test_activations\.py:\d+: return F\.relu\(self\.a\(x\)\)"
+    with pytest.raises(SwapError, match=site):
+        swap_activations(UntraceableFunctional(), "silu", example=torch.randn(2, 4))
 
 
-def test_an_untraceable_model_with_activation_modules_is_swapped():
-    swapped = swap_activations(UntraceableModules(), "gelu")
+def test_an_untraceable_model_without_an_example_is_refused_asking_for_one():
+    with pytest.raises(SwapError, match=r"could not trace UntraceableModules.*pass example="):
+        swap_activations(UntraceableModules(), "gelu")
+
+
+def test_an_untraceable_model_with_activation_modules_is_swapped_given_an_example():
+    swapped = swap_activations(UntraceableModules(), "gelu", example=torch.randn(2, 4))
     assert count_activations(swapped) == {"GELU": 1}
 
 
