@@ -200,6 +200,31 @@ def mnist(split: str = "train", root: str | None = None) -> ImageDataset:
 # ----------------------------------------------------------------------------- folders
 
 
+def _class_folders(directory: Path) -> list[str]:
+    """Sorted names of the class folders in ``directory``; hidden folders (``.git``,
+    ``.ipynb_checkpoints``, anything starting with '.') are not classes."""
+    return sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _imagefolder_splits(base: Path, split: str) -> tuple[Path, Path]:
+    """``(training split folder, folder of the split asked for)``."""
+    split_names = ("train", "test", "val")
+    if not any((base / n).is_dir() for n in split_names):
+        return base, base  # root itself holds the class folders, for every split
+    train_dir = base / "train"
+    if not train_dir.is_dir():
+        raise DataNotFoundError(
+            f"imagefolder: {train_dir} does not exist; class labels are numbered by the "
+            "class folder names of the training split, so it must be present"
+        )
+    if split == "train":
+        return train_dir, train_dir
+    split_dir = _first_existing([base / "test", base / "val"])
+    if split_dir is None or not split_dir.is_dir():
+        raise DataNotFoundError(f"imagefolder: no test/ or val/ folder next to {train_dir}")
+    return train_dir, split_dir
+
+
 @DATASETS.register("imagefolder")
 def imagefolder(
     split: str = "train", root: str | None = None, channels: int = 3, size: int | None = None
@@ -208,6 +233,9 @@ def imagefolder(
 
     ``root/train`` and ``root/test`` (or ``root/val``) are used when present; otherwise
     ``root`` itself holds the class folders and is used for whichever split is asked.
+    Labels number the training split's class folders in sorted order; the test split's
+    folders are matched to them *by name*, and a class missing from or extra in it is an
+    error. Hidden folders and files (names starting with '.') are ignored.
 
     Args:
         channels: 1 (grey) or 3 (RGB); images are converted.
@@ -218,15 +246,32 @@ def imagefolder(
     if channels not in (1, 3):
         raise DataError(f"imagefolder: channels must be 1 or 3, got {channels}")
     base = _root(root, "imagefolder")
-    names = ("train",) if split == "train" else ("test", "val")
-    split_dir = _first_existing([base / n for n in names]) or base
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    train_dir, split_dir = _imagefolder_splits(base, split)
+    classes = _class_folders(train_dir)
     if not classes:
-        raise DataError(f"imagefolder: no class sub-folders in {split_dir}")
+        raise DataError(f"imagefolder: no class sub-folders in {train_dir}")
+    if split_dir != train_dir:
+        present = _class_folders(split_dir)
+        missing = [c for c in classes if c not in present]
+        extra = [c for c in present if c not in classes]
+        if missing or extra:
+            problems = []
+            if missing:
+                problems.append(f"missing class folder(s) {', '.join(map(repr, missing))}")
+            if extra:
+                problems.append(
+                    f"class folder(s) {', '.join(map(repr, extra))} that {train_dir} lacks"
+                )
+            raise DataError(
+                f"imagefolder: {split_dir} has {' and '.join(problems)}; every split must "
+                f"hold the training split's classes, by name: {', '.join(classes)}"
+            )
     images, labels, first_size = [], [], None
     for label, cls in enumerate(classes):
         files = sorted(
-            p for p in (split_dir / cls).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+            p
+            for p in (split_dir / cls).iterdir()
+            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
         )
         for path in files:
             try:
