@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from robustlab.models.layers import Normalize
+from robustlab.nn.adapt import preserve_modes
 from robustlab.registry import Registry, check_kwargs
 
 #: name -> builder ``fn(num_classes, in_channels, input_size, act, **options) -> nn.Module``
@@ -56,7 +57,8 @@ def create_model(
         raise ValueError("create_model: give both mean and std, or neither")
     if mean is None:
         return net
-    return nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=net))
+    normalize = Normalize(mean, std, in_channels=in_channels)
+    return nn.Sequential(OrderedDict(normalize=normalize, net=net))
 
 
 def pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -70,15 +72,11 @@ def pair(size: int | Sequence[int]) -> tuple[int, int]:
 def flat_features(features: nn.Module, in_channels: int, input_size: int | Sequence[int]) -> int:
     """Number of features ``features`` outputs for one input, found by a dry run."""
     h, w = pair(input_size)
-    was_training = features.training
-    features.eval()  # the dry run must not touch batch-norm running statistics
-    try:
-        with torch.no_grad():
+    try:  # eval: the dry run must not touch batch-norm running statistics
+        with preserve_modes(features, training=False), torch.no_grad():
             out = features(torch.zeros(1, in_channels, h, w))
     except RuntimeError as err:
         raise ValueError(f"input size {h}x{w} is too small for this model ({err})") from None
-    finally:
-        features.train(was_training)
     if out.numel() == 0:
         raise ValueError(f"input size {h}x{w} is too small for this model")
     return out.numel()
