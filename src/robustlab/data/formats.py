@@ -319,18 +319,27 @@ def npz(
         path = path / f"{split}.npz"
         if not path.is_file():
             raise DataNotFoundError(f"npz: {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            keys = set(arrays.files)
-            xk, yk = (f"x_{split}", f"y_{split}") if f"x_{split}" in keys else ("x", "y")
-            if xk not in keys or yk not in keys:
-                raise DataError(
-                    f"npz: {path} needs arrays 'x'/'y' or 'x_{split}'/'y_{split}', "
-                    f"has {sorted(keys)}"
-                )
-            x_arr, y_arr = arrays[xk], arrays[yk]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    errors = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+    try:  # never unpickle: an object array or a pickle file is refused by numpy itself
+        arrays = np.load(path, allow_pickle=False)
+    except errors as err:
         raise DataError(f"npz: cannot read {path} ({err})") from None
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise DataError(f"npz: {path} is a single .npy array, not an .npz archive")
+    with arrays:
+        keys = set(arrays.files)
+        xk, yk = (f"x_{split}", f"y_{split}") if f"x_{split}" in keys else ("x", "y")
+        if xk not in keys or yk not in keys:
+            raise DataError(
+                f"npz: {path} needs arrays 'x'/'y' or 'x_{split}'/'y_{split}', has {sorted(keys)}"
+            )
+        loaded = {}
+        for key in (xk, yk):
+            try:
+                loaded[key] = arrays[key]
+            except errors as err:
+                raise DataError(f"npz: cannot read array {key!r} of {path} ({err})") from None
+    x_arr, y_arr = loaded[xk], loaded[yk]
     if y_arr.dtype.kind not in "iu":
         raise DataError(f"npz: labels {yk!r} must be integers, got {y_arr.dtype}")
     x = to_nchw(x_arr, f"npz {path}:{xk}")
