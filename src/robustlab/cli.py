@@ -1,8 +1,14 @@
 """The ``robustlab`` command line: a thin front end, every command is a library call.
 
-robustlab train CONFIG.yaml [--set key=value ...] [--resume | --overwrite]
-robustlab eval RUN [--split test] [--n N]
-robustlab list models|datasets|recipes|activations
+robustlab train CONFIG.yaml [--set key=value ...] [--resume | --overwrite | --extend]
+robustlab eval RUN [--attacks A,B --eps E1,E2] [--split test] [--n N]
+robustlab compare RUN RUN ... --eps E1,E2
+robustlab certify RUN [--radii R1,R2]
+robustlab attack RUN --attack pgd --eps E --out adv.npz
+robustlab list models|datasets|recipes|activations|attacks
+
+Bad input ends in one line on stderr (``robustlab: error: ...``) and exit status 2; every
+command that writes into a run directory holds its lock, so two writers never mix.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from robustlab import __version__
+from robustlab.errors import ConfigError
 
 log = logging.getLogger("robustlab")
 
@@ -26,84 +33,95 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.out_dir:
         overrides.append(f"out_dir={args.out_dir}")
     cfg = load_config(args.config, overrides)
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, extend=args.extend)
     run_dir = trainer.fit()
     if trainer.dist.is_main:
-        from robustlab.io import META_FILE, read_json
+        from robustlab.io import Run
 
-        final = read_json(run_dir / META_FILE)["final"]
-        acc = final.get("test_acc")
+        acc = Run(run_dir).meta_section("final").get("test_acc")
         print(f"run       {run_dir}")
         if acc is not None:
             print(f"test acc  {100 * acc:.2f}%  (clean, {len(trainer.test_data)} images)")
     return 0
 
 
-def _split_floats(text: str | None) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()] if text else []
+def _split_floats(text: str | None, what: str = "--eps") -> list[float]:
+    from robustlab.config import parse_number
+
+    if not text:
+        return []
+    return [parse_number(v, what) for v in text.split(",") if v.strip()]
 
 
 def _load_run_data(run: Path, split: str, n: int):
     from robustlab.data import load_dataset
-    from robustlab.io import META_FILE, read_json
+    from robustlab.io import Run
 
-    meta = read_json(run / META_FILE)["data"]
-    data = load_dataset(meta["name"], split, meta.get("root"), **meta.get("options", {}))
+    meta = Run(run).require().meta_section("data", "name")
+    data = load_dataset(meta["name"], split, meta.get("root"), **(meta.get("options") or {}))
+    if n < 0:
+        raise ConfigError(f"--n must be >= 0 (0: all images), got {n}")
+    if n > len(data):
+        raise ConfigError(
+            f"--n {n} asks for more images than {meta['name']} {split} has ({len(data)})"
+        )
     return (data.subset(n) if n else data), meta["name"]
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from robustlab.evaluate import clean_accuracy, evaluate
-    from robustlab.io import load, write_json
+    from robustlab.io import EVAL_FILE, EVAL_STATE_FILE, Run, load
 
-    run = Path(args.run)
-    model = load(run, device=args.device)
-    data, name = _load_run_data(run, args.split, args.n)
+    run = Run(args.run).require()
     eps = _split_floats(args.eps)
+    model = load(run.path, device=args.device)
+    data, name = _load_run_data(run.path, args.split, args.n)
     result: dict = {"split": args.split, "n": len(data)}
-    print(f"run             {run}")
-    print(f"data            {name} {args.split} ({len(data)} images)")
-    if not eps:
-        result["clean_accuracy"] = clean_accuracy(model, data, batch_size=args.batch_size)
-        print(f"clean accuracy  {100 * result['clean_accuracy']:.2f}%")
-    else:
-        attacks = [a for a in (args.attacks or "quick").split(",") if a]
-        state = Path(args.state) if args.state else run / "eval_state.json"
-        report = evaluate(
-            model, data, attacks=attacks, eps=eps, norm=args.norm, batch_size=args.batch_size,
-            seed=args.seed, state_file=state,
-        )  # fmt: skip
-        result.update(clean_accuracy=report.clean_accuracy, robust=report.to_dict())
-        print(report.table())
-    write_json(run / "eval.json", result)
-    print(f"written         {run / 'eval.json'}")
+    with run.lock("evaluation"):
+        print(f"run             {run.path}")
+        print(f"data            {name} {args.split} ({len(data)} images)")
+        if not eps:
+            result["clean_accuracy"] = clean_accuracy(model, data, batch_size=args.batch_size)
+            print(f"clean accuracy  {100 * result['clean_accuracy']:.2f}%")
+        else:
+            attacks = [a for a in (args.attacks or "quick").split(",") if a]
+            state = Path(args.state) if args.state else run.file(EVAL_STATE_FILE)
+            report = evaluate(
+                model, data, attacks=attacks, eps=eps, norm=args.norm,
+                batch_size=args.batch_size, seed=args.seed, state_file=state,
+            )  # fmt: skip
+            result.update(clean_accuracy=report.clean_accuracy, robust=report.to_dict())
+            print(report.table())
+        path = run.write_output(EVAL_FILE, result)
+    print(f"written         {path}")
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    import json
-
     from robustlab.evaluate import evaluate
-    from robustlab.io import META_FILE, METRICS_FILE, load, read_json
+    from robustlab.io import COMPARE_STATE_FILE, Run, load
 
     eps = _split_floats(args.eps)
+    if not eps:
+        raise ConfigError("--eps needs at least one budget, e.g. --eps 0.1,0.3")
     attacks = [a for a in args.attacks.split(",") if a]
+    runs = [Run(r).require() for r in args.runs]  # every run checked before any work
     columns = []
-    for run_text in args.runs:
-        run = Path(run_text)
-        model = load(run, device=args.device)
-        data, name = _load_run_data(run, args.split, args.n)
-        report = evaluate(
-            model, data, attacks=attacks, eps=eps, norm=args.norm, batch_size=args.batch_size,
-            seed=args.seed, state_file=run / "compare_state.json",
-        )  # fmt: skip
-        meta = read_json(run / META_FILE)
-        rows = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+    for run in runs:
+        model = load(run.path, device=args.device)
+        data, name = _load_run_data(run.path, args.split, args.n)
+        with run.lock("comparison"):
+            report = evaluate(
+                model, data, attacks=attacks, eps=eps, norm=args.norm,
+                batch_size=args.batch_size, seed=args.seed,
+                state_file=run.file(COMPARE_STATE_FILE),
+            )  # fmt: skip
+        recipe = run.meta_section("recipe", "name")
         columns.append(
             {
-                "run": run.name,
-                "recipe": meta["recipe"]["name"],
-                "train_seconds": sum(r.get("seconds", 0.0) for r in rows),
+                "run": run.path.name,
+                "recipe": recipe["name"],
+                "train_seconds": sum(r.get("seconds", 0.0) for r in run.metrics()),
                 "accuracy": [report.clean_accuracy] + [r.robust_accuracy for r in report.results],
             }
         )
@@ -124,31 +142,43 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_certify(args: argparse.Namespace) -> int:
     from robustlab.certify import certify, lipschitz_bound
-    from robustlab.io import load, write_json
+    from robustlab.io import CERTIFIED_PLOT, CERTIFY_FILE, Run, load
 
-    run = Path(args.run)
-    model = load(run, device=args.device)
-    data, name = _load_run_data(run, args.split, args.n)
-    bound = lipschitz_bound(model, data.shape, method=args.method)
-    print(f"run             {run}")
-    print(f"data            {name} {args.split} ({len(data)} images)")
-    print(bound.table())
-    report = certify(
-        model, data, radii=_split_floats(args.radii), kind=args.kind, method=args.method,
-        batch_size=args.batch_size, bound=bound if args.kind == "lmt" else None,
-    )  # fmt: skip
-    print(report.table())
-    write_json(run / "certify.json", {"bound": bound.total, "report": report.__dict__})
-    print(f"written         {run / 'certify.json'}")
-    if not args.no_plot:
-        from robustlab.evaluate.plots import save_accuracy_curve
-
-        path = save_accuracy_curve(
-            {f"{run.name} ({args.kind})": report.curve()}, run / "certified.png",
-            xlabel="L2 radius (pixel units)", ylabel="certified accuracy (%)", marker=None,
+    run = Run(args.run).require()
+    radii = _split_floats(args.radii, "--radii")
+    model = load(run.path, device=args.device)
+    data, name = _load_run_data(run.path, args.split, args.n)
+    with run.lock("certification"):
+        bound = lipschitz_bound(model, data.shape, method=args.method)
+        print(f"run             {run.path}")
+        print(f"data            {name} {args.split} ({len(data)} images)")
+        print(bound.table())
+        report = certify(
+            model, data, radii=radii, kind=args.kind, method=args.method,
+            batch_size=args.batch_size, bound=bound if args.kind == "lmt" else None,
         )  # fmt: skip
+        print(report.table())
+        path = run.write_output(CERTIFY_FILE, _certify_json(bound, report))
         print(f"written         {path}")
+        if not args.no_plot:
+            from robustlab.evaluate.plots import save_accuracy_curve
+
+            path = save_accuracy_curve(
+                {f"{run.path.name} ({args.kind})": report.curve()}, run.file(CERTIFIED_PLOT),
+                xlabel="L2 radius (pixel units)", ylabel="certified accuracy (%)", marker=None,
+            )  # fmt: skip
+            print(f"written         {path}")
     return 0
+
+
+def _certify_json(bound, report) -> dict:
+    """certify.json: the reports' own dict forms where they have them."""
+    to_dict = getattr(report, "to_dict", None)
+    bound_dict = getattr(bound, "to_dict", None)
+    return {
+        "bound": bound_dict() if bound_dict else bound.total,
+        "report": to_dict() if to_dict else report.__dict__,
+    }
 
 
 def _cmd_attack(args: argparse.Namespace) -> int:
@@ -159,11 +189,21 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     from robustlab.data import to_float
     from robustlab.evaluate.plots import save_adversarial_grid
     from robustlab.evaluate.robustness import AttackSpec
-    from robustlab.io import atomic_write, load
+    from robustlab.io import Run, atomic_write, load
 
-    run = Path(args.run)
-    model = load(run, device=args.device)
-    data, _ = _load_run_data(run, args.split, args.n)
+    run = Run(args.run).require()
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise ConfigError(f"--out must name a .npz file, got {out}")
+    png_path = out.with_suffix(".png")
+    existing = [p for p in (out, png_path) if p.exists()]
+    if existing and not args.overwrite:
+        raise ConfigError(
+            f"{', '.join(map(str, existing))} already exist(s): pass --overwrite to replace, "
+            "or choose another --out"
+        )
+    model = load(run.path, device=args.device)
+    data, _ = _load_run_data(run.path, args.split, args.n)
     device = next(model.parameters()).device
     x, y = to_float(data.x).to(device), data.y.to(device)
     torch.manual_seed(args.seed)
@@ -171,7 +211,6 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     result = attack.run(x, y)
     with torch.no_grad():
         logits_clean, logits_adv = model(x), model(result.x_adv)
-    out = Path(args.out)
     arrays = {
         "x": x.cpu().numpy(), "x_adv": result.x_adv.cpu().numpy(), "y": y.cpu().numpy(),
         "pred_clean": logits_clean.argmax(1).cpu().numpy(),
@@ -185,7 +224,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
     atomic_write(out, write_npz)
     png = save_adversarial_grid(
-        x, result.x_adv, y, logits_clean, logits_adv, out.with_suffix(".png"), data.classes
+        x, result.x_adv, y, logits_clean, logits_adv, png_path, data.classes
     )
     norms = lp_norm(result.x_adv - x, args.norm)
     print(f"attack          {args.attack} ({args.norm}, eps {args.eps:g}) on {len(y)} images")
@@ -218,6 +257,25 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(text: str) -> float:
+    from robustlab.config import parse_number
+
+    try:
+        return parse_number(text, "value")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="robustlab",
@@ -238,7 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--resume", action="store_true", help="continue from the run's last checkpoint"
     )
-    group.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run directory (deletes the files robustlab wrote there)",
+    )
+    group.add_argument(
+        "--extend",
+        action="store_true",
+        help="train a run further, to the config's (larger) epochs; the schedule continues "
+        "along the longer run's from the step reached",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="clean and robust accuracy of a trained run")
@@ -254,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--n", type=int, default=0, help="use the first N images (default: all)")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--state", help="resumable state file (default: RUN/eval_state.json)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cpu)")
@@ -267,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--n", type=int, default=0, help="use the first N images (default: all)")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_compare)
@@ -284,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--n", type=int, default=0, help="use the first N images (default: all)")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--device", default=None)
     p.add_argument("--no-plot", action="store_true", help="skip certified.png")
     p.set_defaults(func=_cmd_certify)
@@ -294,12 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run", help="run directory")
     p.add_argument("--attack", required=True, help="attack name with options, e.g. pgd:steps=40")
-    p.add_argument("--eps", type=float, required=True, help="budget in pixel units")
+    p.add_argument("--eps", type=_number, required=True, help="budget in pixel units (8/255 works)")
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--n", type=int, default=16, help="attack the first N images (default: 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="adv.npz", help="output .npz (the grid goes beside it as .png)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_attack)
 
@@ -326,6 +395,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"robustlab: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # unwritable directory, disk full, missing file
+        if args.verbose:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"robustlab: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("robustlab: interrupted", file=sys.stderr)

@@ -9,6 +9,8 @@ model, data set or recipe builder and checked against its signature.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +20,61 @@ from typing import Any, Union
 import yaml
 
 from robustlab.errors import ConfigError, did_you_mean
+
+# ----------------------------------------------------------------------------- numbers
+
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_FRACTION = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+))\s*/\s*((?:\d+\.?\d*|\.\d+))\s*$")
+
+
+def parse_number(text: Any, what: str = "value") -> float:
+    """A number as people write it: ``0.1``, ``1e-4``, ``8/255``; else a clear error."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{what}: expected a number, got {text!r}")
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        s = str(text).strip()
+        frac = _FRACTION.match(s)
+        if frac:
+            den = float(frac.group(2))
+            if den == 0:
+                raise ConfigError(f"{what}: {s!r} divides by zero")
+            value = float(frac.group(1)) / den
+        elif _NUMBER.match(s):
+            value = float(s)
+        else:
+            raise ConfigError(
+                f"{what}: expected a number (like 0.1, 1e-4 or 8/255), got {str(text)!r}"
+            )
+    if not math.isfinite(value):
+        raise ConfigError(f"{what}: expected a finite number, got {text!r}")
+    return value
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader that also reads ``1e-4`` (YAML 1.1 needs ``1.0e-4``) and simple
+    fractions such as ``8/255`` as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+_Loader.add_implicit_resolver(
+    "!fraction",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)/(\d+\.?\d*|\.\d+)$"),
+    list("-+0123456789."),
+)
+_Loader.add_constructor(
+    "!fraction", lambda loader, node: parse_number(loader.construct_scalar(node), "fraction")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text safely, reading ``1e-4`` and ``8/255`` as numbers."""
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -164,13 +221,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 1e3 is a whole number
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return parse_number(value, key)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -211,7 +268,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: cannot parse value ({err})") from None
     return key.split("."), value
@@ -249,7 +306,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{p}: invalid YAML ({err})") from None
         if not isinstance(data, dict):

@@ -83,6 +83,46 @@ def check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], what: str) -> N
         if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     ]
     check_options(accepted, kwargs, what)
+    check_types(_hints(fn), kwargs, what)
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    import typing
+
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: no type check rather than a crash
+        return {}
+
+
+def check_types(hints: dict[str, Any], kwargs: dict[str, Any], what: str) -> dict[str, Any]:
+    """``kwargs`` with values converted to their annotated types (``"8/255"`` -> float);
+    a :class:`~robustlab.errors.ConfigError` names the first option whose value does not
+    fit its annotation (int, float, bool, str, lists and unions of them)."""
+    from robustlab.config import _coerce
+    from robustlab.errors import ConfigError
+
+    out = dict(kwargs)
+    for key, value in kwargs.items():
+        tp = hints.get(key)
+        if tp is None:
+            continue
+        try:
+            out[key] = _coerce(value, tp, f"{what} option {key!r}")
+        except ConfigError as err:
+            if "unsupported type" in str(err):
+                continue  # callables, modules ...: left to the builder
+            raise
+    return out
+
+
+def init_hints(cls: type, base: type) -> dict[str, Any]:
+    """Type hints of the keyword options of ``cls`` and its ancestors up to ``base``."""
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass) and issubclass(klass, base):
+            hints.update(_hints(klass.__init__))
+    return hints
 
 
 def init_options(cls: type, base: type) -> list[str]:

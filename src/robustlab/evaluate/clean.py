@@ -9,6 +9,8 @@ from torch import nn
 
 from robustlab.data.base import ImageDataset
 from robustlab.data.loader import BatchLoader
+from robustlab.errors import ConfigError
+from robustlab.nn.adapt import OutputSpec, as_classifier, check_logits, preserve_modes
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -25,17 +27,14 @@ def count_correct(
 ) -> tuple[int, int]:
     """(correct, total) of ``model``'s top-1 predictions over ``batches``, in eval mode.
 
-    The model's train/eval mode is restored afterwards.
+    Every module's train/eval mode is restored afterwards.
     """
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    try:
+    with preserve_modes(model, training=False):
         for x, y in batches:
-            correct += int((model(x).argmax(1) == y).sum())
+            logits = check_logits(model(x), len(y))
+            correct += int((logits.argmax(1) == y).sum())
             total += int(y.numel())
-    finally:
-        model.train(was_training)
     return correct, total
 
 
@@ -45,13 +44,29 @@ def clean_accuracy(
     *,
     batch_size: int = 500,
     device: torch.device | str | None = None,
+    output: OutputSpec = None,
 ) -> float:
     """Top-1 accuracy on ``data`` (fraction in [0, 1]); the device defaults to the model's.
+
+    ``output`` selects the logits of a model that returns a tuple or dict (an index, a
+    key or a function; see :func:`robustlab.nn.as_classifier`).
 
     Example:
         >>> clean_accuracy(robustlab.load("runs/demo-mnist"), load_dataset("mnist5k", "test"))
         0.98
     """
-    loader = BatchLoader(data, batch_size, device=device or model_device(model))
+    if not isinstance(data, ImageDataset):
+        raise ConfigError(f"data must be an ImageDataset, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ConfigError("the data set is empty")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    model = as_classifier(model, output)
+    from robustlab.evaluate.robustness import _forward
+
+    dev = device or model_device(model)
+    with preserve_modes(model, training=False):
+        check_logits(_forward(model, data.float_images(slice(0, 2)).to(dev)), min(2, len(data)))
+    loader = BatchLoader(data, batch_size, device=dev)
     correct, total = count_correct(model, loader)
     return correct / total

@@ -35,7 +35,8 @@ from robustlab.data.base import ImageDataset, to_float
 from robustlab.data.loader import batch_seed
 from robustlab.errors import ConfigError, did_you_mean
 from robustlab.evaluate.clean import model_device
-from robustlab.registry import check_options
+from robustlab.nn.adapt import OutputSpec, as_classifier, check_logits, preserve_modes
+from robustlab.registry import check_options, check_types, init_hints
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class AttackSpec:
 
     @classmethod
     def parse(cls, text: str) -> AttackSpec:
-        import yaml
+        from robustlab.config import load_yaml
 
         head, *opts = text.strip().split(":")
         base, fixed = ALIASES.get(head, (head, {}))
@@ -80,7 +81,10 @@ class AttackSpec:
             if "=" not in opt:
                 raise ConfigError(f"attack option {opt!r} in {text!r} must look like key=value")
             key, value = opt.split("=", 1)
-            options[key] = yaml.safe_load(value)
+            try:
+                options[key] = load_yaml(value)
+            except Exception:  # yaml.YAMLError
+                raise ConfigError(f"attack option {opt!r} in {text!r}: unreadable value") from None
         return cls(base, options, text.strip())
 
     def build(self, model: nn.Module, eps: float, norm: str, seed: int, **common: Any) -> Attack:
@@ -89,7 +93,9 @@ class AttackSpec:
         check_options(
             sorted(accepted), {**self.options, **common}, f"attack {self.name!r}", ConfigError
         )
-        kwargs = {**common, **self.options}
+        kwargs = check_types(
+            init_hints(cls, Attack), {**common, **self.options}, f"attack {self.name!r}"
+        )
         if "early_stop" in accepted:  # evaluation only needs to know whether a point breaks
             kwargs.setdefault("early_stop", True)
         return cls(model, eps=eps, norm=norm, seed=seed, **kwargs)
@@ -171,15 +177,40 @@ class EvalReport:
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
 
-def _signature(
-    model: nn.Module, specs: list[AttackSpec], eps: list[float], norm: str, n: int, seed: int
-) -> str:
+def _tensor_digest(tensors: Sequence[torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for t in model.state_dict().values():
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()[:4096])
-    settings = [[[s.name, s.options] for s in specs], eps, norm, n, seed]
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _settings(
+    model: nn.Module, data: ImageDataset, specs: list[AttackSpec], eps: list[float], norm: str,
+    seed: int, batch_size: int, common: dict[str, Any], fast: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Everything that decides an evaluation's result, in readable form (the resume key).
+
+    The weights and the points are identified by content hashes, so another split,
+    another subset or retrained weights never resume a state written for different ones.
+    """
+    return {
+        "weights": _tensor_digest(list(model.state_dict().values())),
+        "data": f"{data.name or 'data'}: {len(data)} points, "
+        f"images {_tensor_digest([data.x])}, labels {_tensor_digest([data.y])}",
+        "attacks": json.dumps([[s.name, s.options] for s in specs], sort_keys=True, default=str),
+        "eps": eps,
+        "norm": norm,
+        "seed": seed,
+        "batch_size": batch_size,  # per-batch seeds depend on it
+        "attack_options": json.dumps(common, sort_keys=True, default=str),
+        "fast": fast,
+    }
+
+
+def _signature(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _predict(
@@ -209,6 +240,7 @@ def evaluate(
     progress: bool | None = None,
     attack_options: dict[str, Any] | None = None,
     fast: bool = True,
+    output: OutputSpec = None,
 ) -> EvalReport:
     """Clean and worst-case robust accuracy of ``model`` on ``data``.
 
@@ -228,61 +260,150 @@ def evaluate(
         attack_options: options given to every attack (e.g. ``{"eot_samples": 10}``).
         fast: attack :func:`~robustlab.attacks.fast_model`'s frozen channels_last copy
             of the model (same function, faster convolutions); the model is untouched.
+        output: for a model returning a tuple or dict: the index, key or function that
+            selects its logits (see :func:`robustlab.nn.as_classifier`).
+
+    A state file is resumed only when everything that decides the result is the same:
+    the weights (hash), the points (hash of images and labels: data set, split and subset),
+    the attacks with their options, eps, norm, seed and batch size. Otherwise the
+    evaluation starts afresh and the log says which of these differ.
 
     Example:
         >>> report = evaluate(model, test, attacks=["standard"], eps=[0.1, 0.3], n=1000)
         >>> print(report.table())
     """
+    if isinstance(attacks, str):
+        attacks = [attacks]
     specs = expand_attacks(list(attacks))
-    eps_list = sorted(float(e) for e in eps)
-    if any(e < 0 for e in eps_list):
-        raise ConfigError(f"eps must be >= 0, got {eps_list}")
-    if n is not None:
-        data = data.subset(n)
-    dev = torch.device(device) if device is not None else model_device(model)
-    modes = [m.training for m in model.modules()]
-    model.eval()
-    try:
-        return _evaluate(
-            model,
-            data,
-            specs,
-            eps_list,
-            norm,
-            batch_size,
-            seed,
-            state_file,
-            dev,
-            progress,
-            attack_options or {},
-            fast_model(model, to_float(data.x[:batch_size]).to(dev)) if fast else model,
+    eps_list = _eps_list(eps)
+    if norm not in ("linf", "l2"):
+        raise ConfigError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if not isinstance(data, ImageDataset):
+        raise ConfigError(
+            f"data must be an ImageDataset (robustlab.load_dataset, or ImageDataset(x, y, ...)), "
+            f"got {type(data).__name__}"
         )
-    finally:
-        for m, mode in zip(model.modules(), modes):
-            m.training = mode
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if n is not None:
+        data = data.subset(check_count(n, len(data), "n"))
+    if len(data) == 0:
+        raise ConfigError("the evaluation set is empty")
+    model = as_classifier(model, output)
+    dev = torch.device(device) if device is not None else model_device(model)
+    with preserve_modes(model, training=False):
+        check_logits(_forward(model, to_float(data.x[:2]).to(dev)), min(2, len(data)))
+        return _evaluate(
+            model, data, specs, eps_list, norm, batch_size, seed, state_file, dev, progress,
+            attack_options or {}, fast,
+            fast_model(model, to_float(data.x[:batch_size]).to(dev)) if fast else model,
+        )  # fmt: skip
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> Any:
+    """One forward pass, with a clear error when the model cannot take these images."""
+    with torch.no_grad():
+        try:
+            return model(x)
+        except (RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"the model cannot take the data's images of shape {tuple(x.shape[1:])} "
+                f"({first}); check that model and data set match"
+            ) from None
+
+
+def check_count(n: Any, available: int, what: str = "n") -> int:
+    """``n`` as a point count in 1..available, else a clear error (never clipped or wrapped)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ConfigError(f"{what} must be a whole number, got {n!r}")
+    if n < 1:
+        raise ConfigError(f"{what} must be >= 1, got {n}")
+    if n > available:
+        raise ConfigError(f"{what}={n} asks for more points than the data set has ({available})")
+    return n
+
+
+def _eps_list(eps: Any) -> list[float]:
+    """Budgets from a number or a sequence of numbers; a string is refused with a hint."""
+    from robustlab.config import parse_number
+
+    if isinstance(eps, str):
+        raise ConfigError(
+            f"eps must be a number or a list of numbers, got the string {eps!r}; "
+            f"write eps=[{', '.join(e.strip() for e in eps.split(','))}]"
+        )
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+        eps = [eps]
+    try:
+        values = [parse_number(e, "eps") for e in eps]
+    except TypeError:
+        raise ConfigError(f"eps must be a number or a list of numbers, got {eps!r}") from None
+    if any(e < 0 for e in values):
+        raise ConfigError(f"eps must be >= 0, got {values}")
+    return sorted(values)
 
 
 def _evaluate(
-    model, data, specs, eps_list, norm, batch_size, seed, state_file, dev, progress, common, target
-) -> EvalReport:
+    model, data, specs, eps_list, norm, batch_size, seed, state_file, dev, progress, common, fast,
+    target,
+) -> EvalReport:  # fmt: skip
     """``model`` gives clean predictions and the signature; ``target`` is what is attacked."""
     x_all, y_all = data.x, data.y
-    n = len(y_all)
     clean_ok = _predict(model, x_all, batch_size, dev) == y_all
-    sig = _signature(model, specs, eps_list, norm, n, seed)
-    state: dict[str, Any] = {"signature": sig, "robust": {}, "stages": {}}
+    settings = _settings(model, data, specs, eps_list, norm, seed, batch_size, common, fast)
+    sig = _signature(settings)
+    state: dict[str, Any] = {"signature": sig, "settings": settings, "robust": {}, "stages": {}}
     path = Path(state_file) if state_file else None
-    if path is not None and path.is_file():
+    lock = None
+    if path is not None:
+        from robustlab.io import FileLock
+
+        lock = FileLock(path.with_name(path.name + ".lock"), "evaluation").acquire()
+    try:
+        state, note = _resume(path, state, settings)
+        report = _run_stages(
+            model, specs, eps_list, norm, batch_size, seed, dev, progress, common, target,
+            x_all, y_all, clean_ok, state, path,
+        )  # fmt: skip
+        if note:
+            report.warnings.insert(0, note)
+        return report
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _resume(
+    path: Path | None, fresh: dict[str, Any], settings: dict[str, Any]
+) -> tuple[dict[str, Any], str | None]:
+    """(the saved state at ``path`` if written for the same settings, else ``fresh``; a note
+    saying why a saved state was not used)."""
+    if path is None or not path.is_file():
+        return fresh, None
+    try:
         saved = json.loads(path.read_text())
-        if saved.get("signature") == sig:
-            state = saved
-            log.info("resuming evaluation from %s", path)
-        else:
-            log.warning(
-                "%s belongs to another evaluation (model, attacks or settings differ); "
-                "starting over",
-                path,
-            )
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        saved = None
+    if isinstance(saved, dict) and saved.get("signature") == fresh["signature"]:
+        log.info("resuming evaluation from %s", path)
+        return saved, None
+    old = saved.get("settings", {}) if isinstance(saved, dict) else {}
+    old = old if isinstance(old, dict) else {}
+    differ = [k for k in settings if old.get(k) != settings[k]] or ["its format"]
+    note = (
+        f"{path} was written for another evaluation ({', '.join(differ)} "
+        f"differ{'s' if len(differ) == 1 else ''}); started afresh"
+    )
+    log.warning(note)
+    return fresh, note
+
+
+def _run_stages(
+    model, specs, eps_list, norm, batch_size, seed, dev, progress, common, target,
+    x_all, y_all, clean_ok, state, path,
+) -> EvalReport:  # fmt: skip
+    n = len(y_all)
 
     def save_state() -> None:
         if path is not None:

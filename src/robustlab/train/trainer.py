@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Mapping
@@ -44,8 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Testing hook: SIGKILL this process right after this global step (and its checkpoint).
 KILL_ENV = "ROBUSTLAB_KILL_AT_STEP"
-# Config keys that may differ when resuming (extending a run); everything else must match.
-_RESUMABLE_CHANGES = {"epochs", "eval_every"}
+# Config keys that may differ when resuming; ``epochs`` too when extending a run.
+_RESUMABLE_CHANGES = {"eval_every"}
 
 
 # ----------------------------------------------------------------------------- state codec
@@ -125,9 +124,22 @@ class Trainer:
 
     Args:
         cfg: the validated configuration.
-        resume: continue from ``checkpoint.safetensors`` in the run directory if present.
-        overwrite: replace an existing run directory's results instead of refusing.
+        resume: continue an interrupted run from its ``checkpoint.safetensors``; a run
+            with no checkpoint, or one already finished, is an error (nothing is deleted).
+        overwrite: replace an existing run directory: the files robustlab wrote there are
+            deleted (other files are kept and named); refused for a non-empty directory
+            that is not a run directory.
+        extend: train a run (finished or not) further, to ``cfg.epochs`` epochs, which
+            must exceed the checkpoint's. Schedules are functions of the global step and
+            the total number of steps, so the learning rate continues along the schedule
+            of the longer run from the step reached (for cosine, it rises again from near
+            zero at the boundary): the result equals neither a fresh run of the longer
+            length nor a new warm restart; ramps (``eps_ramp_epochs``) are unaffected.
         progress: show progress bars (default: only when writing to a terminal).
+
+    A run directory has one writer: :meth:`fit` holds its lock (``.lock``, with the pid)
+    from the first look at the directory to the last write, and a second trainer (or an
+    evaluation) of the same directory is refused with the holder's pid.
 
     Example:
         >>> cfg = load_config("configs/demo-mnist.yaml", ["epochs=2"])
@@ -140,11 +152,16 @@ class Trainer:
         *,
         resume: bool = False,
         overwrite: bool = False,
+        extend: bool = False,
         progress: bool | None = None,
     ) -> None:
         self.cfg = cfg.validate()
-        self.resume, self.overwrite = resume, overwrite
+        if sum((resume, overwrite, extend)) > 1:
+            raise ConfigError("choose at most one of resume, overwrite and extend")
+        self.resume, self.overwrite, self.extend = resume, overwrite, extend
         self.run_dir = Path(cfg.out_dir) / cfg.name
+        self.run = io.Run(self.run_dir)
+        self._lock: io.FileLock | None = None
         self.device = resolve_device(cfg.device, local_rank())
         self.dist = init_distributed(self.device)
         self.tqdm_disable = _tqdm_disable(progress, self.dist)
@@ -203,7 +220,7 @@ class Trainer:
             spec_kwargs.update(mean=list(train.mean), std=list(train.std))
         self.model_spec = {"name": cfg.model.name, "kwargs": spec_kwargs}
         model = create_model(cfg.model.name, **spec_kwargs)
-        model = self.recipe.prepare(model).to(self.device)
+        model = self.recipe.prepare(model, example=train.float_images(slice(0, 2))).to(self.device)
         if self.dist.enabled and cfg.sync_bn:
             if self.device.type != "cuda":
                 raise ConfigError(
@@ -249,9 +266,6 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------
 
-    def _checkpoint_path(self) -> Path:
-        return self.run_dir / io.CHECKPOINT_FILE
-
     def save_checkpoint(self) -> None:
         """Write the full training state (rank 0), atomically."""
         if self.dist.is_main:
@@ -267,22 +281,27 @@ class Trainer:
                 "scaler": encode_state(self.scaler.state_dict(), tensors, "scaler"),
                 "recipe": encode_state(self.recipe.state_dict(), tensors, "recipe"),
             }
-            io.save_tensors(self._checkpoint_path(), tensors, state)
+            self.run.save_checkpoint(tensors, state)
         self.dist.barrier()
 
-    def _load_checkpoint(self, path: Path) -> None:
-        tensors, state = io.load_tensors(path)
-        if not isinstance(state, dict) or "model" not in state:
+    def _load_checkpoint(self) -> None:
+        path = self.run.checkpoint_path
+        tensors, state = self.run.load_checkpoint()
+        if not isinstance(state, dict) or "model" not in state or "config" not in state:
             raise CheckpointError(f"{path} is not a robustlab training checkpoint")
-        changed = [
-            k
-            for k in _config_diff(state["config"], to_dict(self.cfg))
-            if k not in _RESUMABLE_CHANGES
-        ]
+        allowed = _RESUMABLE_CHANGES | ({"epochs"} if self.extend else set())
+        changed = [k for k in _config_diff(state["config"], to_dict(self.cfg)) if k not in allowed]
         if changed:
             raise CheckpointError(
-                f"cannot resume {self.run_dir}: the config differs from the checkpoint's at "
-                f"{', '.join(changed)} (only {', '.join(sorted(_RESUMABLE_CHANGES))} may change)"
+                f"cannot {'extend' if self.extend else 'resume'} {self.run_dir}: the config "
+                f"differs from the checkpoint's at {', '.join(changed)} (only "
+                f"{', '.join(sorted(allowed))} may change)"
+            )
+        trained = int(state["config"].get("epochs", 0))
+        if self.extend and self.cfg.epochs <= trained:
+            raise CheckpointError(
+                f"cannot extend {self.run_dir}: it was set up for {trained} epochs and the "
+                f"config asks for {self.cfg.epochs}; give more (--set epochs={trained + 1} or more)"
             )
         io.load_state_dict_strict(self.model, decode_state(state["model"], tensors), str(path))
         self.optimizer.load_state_dict(decode_state(state["optimizer"], tensors))
@@ -290,35 +309,86 @@ class Trainer:
         self.recipe.load_state_dict(decode_state(state["recipe"], tensors))
         self.epoch, self.batch = state["epoch"], state["batch"]
         self.global_step, self.sums = state["global_step"], dict(state["sums"])
+        if self.extend:
+            self.recipe.stop_training = False
         log.info("resumed %s at epoch %d, batch %d", self.run_dir, self.epoch + 1, self.batch)
 
-    def _prepare_run_dir(self) -> None:
-        ckpt = self._checkpoint_path()
-        resuming = self.resume and ckpt.is_file()
-        occupied = self.run_dir.exists() and any(self.run_dir.iterdir())
-        if not resuming and occupied and not (self.overwrite or self.resume):
+    def _check_run_dir(self) -> None:
+        """Refuse what would lose or mix data; runs on every rank before anything is written."""
+        run, name = self.run, self.run_dir
+        if self.resume or self.extend:
+            action = "extend" if self.extend else "resume"
+            if not run.exists():
+                raise CheckpointError(f"cannot {action} {name}: the directory does not exist")
+            if not run.has_checkpoint():
+                raise CheckpointError(
+                    f"cannot {action} {name}: it holds no {io.CHECKPOINT_FILE} (nothing was "
+                    "changed); train it anew with another name, or replace it with --overwrite"
+                )
+            if self.resume and run.status() == "complete":
+                trained = len(run.metrics())
+                raise CheckpointError(
+                    f"{name} is finished ({trained} epochs trained): nothing to resume; to "
+                    "train it longer, use --extend with a larger epochs (--set epochs=N)"
+                )
+        elif self.overwrite:
+            if run.exists() and not run.is_run() and not run.is_empty():
+                raise CheckpointError(
+                    f"refusing to overwrite {name}: it is not a robustlab run directory (no "
+                    f"{io.META_FILE}) and it is not empty; choose another name or out_dir"
+                )
+        elif not run.is_empty():
             raise RobustlabError(
-                f"run directory {self.run_dir} already exists: resume it (--resume), replace it "
+                f"run directory {name} already exists: resume it (--resume), replace it "
                 f"(--overwrite) or choose another name (--set name=...)"
             )
-        self.dist.barrier()  # every rank has looked before rank 0 writes
-        if resuming:
-            self._load_checkpoint(ckpt)
+
+    def _acquire_lock(self) -> None:
+        """Rank 0 takes the directory's lock; every rank learns whether it succeeded."""
+        error: Exception | None = None
+        if self.dist.is_main:
+            try:
+                self._lock = self.run.lock(f"training ({self.cfg.name})").acquire()
+            except (io.LockedError, OSError) as err:
+                error = err
+        failed = self.dist.all_reduce_sum(torch.tensor([1.0 if error else 0.0]))
+        if error is not None:
+            raise error
+        if float(failed[0]):
+            raise io.LockedError(f"{self.run_dir} is in use (rank 0 could not lock it)")
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _prepare_run_dir(self) -> None:
+        self._check_run_dir()
+        if self.dist.is_main:
+            self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        self._check_run_dir()  # again under the lock: another writer may have finished meanwhile
+        continuing = self.resume or self.extend
+        if continuing:
+            self._load_checkpoint()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if resuming:
-                self._truncate_metrics()
-            else:  # a replaced run keeps nothing: stale evaluations and extras would mislead
-                for child in self.run_dir.iterdir():
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child)
-                    else:
-                        child.unlink()
-            io.atomic_write_text(self.run_dir / io.CONFIG_FILE, dump_config(self.cfg))
+            if continuing:
+                self.run.truncate_metrics(self.epoch)
+            elif self.overwrite:
+                kept = self.run.clear()
+                if kept:
+                    log.warning(
+                        "--overwrite kept files robustlab did not write in %s: %s",
+                        self.run_dir, ", ".join(kept),
+                    )  # fmt: skip
+            self.run.write_config(dump_config(self.cfg))
             self._write_meta(status="running")
         self.dist.barrier()
 
-    def _write_meta(self, status: str, final: dict[str, Any] | None = None) -> None:
+    def _write_meta(
+        self, status: str, final: dict[str, Any] | None = None, extras: list[str] | None = None
+    ) -> None:
         meta = {
             "format": io.FORMAT_VERSION,
             "status": status,
@@ -333,19 +403,10 @@ class Trainer:
             "versions": io.versions(),
             "git_commit": io.git_commit(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "extras": sorted(extras or []),  # the recipe's extra files (owned by the run)
             "final": final or {},
         }
-        io.write_json(self.run_dir / io.META_FILE, meta)
-
-    def _truncate_metrics(self) -> None:
-        path = self.run_dir / io.METRICS_FILE
-        if not path.is_file():
-            return
-        import json
-
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
-        keep = [r for r in rows if json.loads(r)["epoch"] <= self.epoch]  # epochs are 1-based
-        io.atomic_write_text(path, "".join(r + "\n" for r in keep))
+        self.run.write_meta(meta)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -415,6 +476,7 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            self._release_lock()
             self.dist.close()
 
     def _fit(self) -> Path:
@@ -467,10 +529,7 @@ class Trainer:
             row = {**self._epoch_metrics(time.perf_counter() - t0), **extra}
             last_row = row
             if self.dist.is_main:
-                import json
-
-                with open(self.run_dir / io.METRICS_FILE, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                self.run.append_metrics(row)
             log.info(
                 "epoch %d/%d  loss %.4f  train acc %.4f%s  (%.1f s)", epoch + 1, cfg.epochs,
                 row.get("train_loss", math.nan), row["train_acc"],
@@ -487,16 +546,16 @@ class Trainer:
 
     def _finish(self, last_row: dict[str, Any]) -> Path:
         exported = self.recipe.export(self.model)
-        if not last_row:  # resumed a run that had already finished all epochs
-            last_row = (
-                {"test_acc": self.evaluate()} if self.dist.is_main or self.dist.enabled else {}
-            )
+        if not last_row:  # resumed a run stopped between its last epoch and its export
+            rows = self.run.metrics()
+            last_row = rows[-1] if rows else {"test_acc": self.evaluate()}
         if self.dist.is_main:
-            io.save_model(exported, self.run_dir / io.MODEL_FILE)
-            for filename, tensors in self.recipe.export_extras(self.model).items():
-                io.save_tensors(self.run_dir / filename, tensors)
+            self.run.save_model(exported)
+            extras = self.recipe.export_extras(self.model)
+            for filename, tensors in extras.items():
+                self.run.save_extra(filename, tensors)
             final = {k: last_row[k] for k in ("epoch", "train_acc", "test_acc") if k in last_row}
-            self._write_meta(status="complete", final=final)
+            self._write_meta(status="complete", final=final, extras=list(extras))
         self.dist.barrier()
         return self.run_dir
 

@@ -68,8 +68,8 @@ class AdvProp(AdversarialRecipe):
         self.levels, self.steps, self.targeted, self.attack_bn = levels, steps, targeted, attack_bn
         self.step_size = step_size  # None: 1.25 * eps / steps for each level
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        return convert_aux_bn(super().prepare(model), num_aux=len(self.levels))
+    def prepare(self, model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
+        return convert_aux_bn(super().prepare(model, example), num_aux=len(self.levels))
 
     def make_adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, i: int):
         eps = self.levels[i] * self.ramp()

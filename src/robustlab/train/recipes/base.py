@@ -20,7 +20,7 @@ from robustlab.attacks import PGD
 from robustlab.errors import ConfigError
 from robustlab.nn.activations import SmoothGradReLU, make_activation
 from robustlab.nn.swap import smooth_gradients, swap_activations
-from robustlab.registry import Registry, check_options, init_options
+from robustlab.registry import Registry, check_options, check_types, init_hints, init_options
 
 #: name -> Recipe subclass
 RECIPES: Registry[Callable[..., Recipe]] = Registry("recipe")
@@ -88,13 +88,16 @@ class Recipe:
         self.progress = 0.0
         self.stop_training = False
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Model surgery before training: the SAT activation swap (subclasses add theirs)."""
+    def prepare(self, model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
+        """Model surgery before training: the SAT activation swap (subclasses add theirs).
+
+        ``example`` (a small input batch) lets the swap be verified by running the model.
+        """
         if self.activation is not None:
-            model = swap_activations(model, self.activation)
+            model = swap_activations(model, self.activation, example=example)
         if self.smooth_grad is not None:
             alpha = self.smooth_grad_alpha
-            model = swap_activations(model, lambda: SmoothGradReLU(alpha))
+            model = swap_activations(model, lambda: SmoothGradReLU(alpha), example=example)
         return model
 
     def attacking(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
@@ -179,6 +182,7 @@ def create_recipe(name: str, *, label_smoothing: float = 0.0, **options: Any) ->
     """
     cls = RECIPES.get(name)
     check_options(recipe_options(cls), options, f"recipe {name!r}")
+    options = check_types(init_hints(cls, Recipe), options, f"recipe {name!r}")
     return cls(label_smoothing=label_smoothing, **options)
 
 

@@ -1,0 +1,254 @@
+"""The run directory's owner: resume never deletes, one writer at a time, --overwrite and
+--extend do exactly what they say, evaluation resume only for the same evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from robustlab import io
+from robustlab.errors import CheckpointError, RobustlabError
+from robustlab.io import FileLock, LockedError, Run
+from robustlab.train import Trainer
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes: what must stay untouched."""
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+def _user_dir(path: Path) -> dict[str, bytes]:
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("my thesis draft")
+    (path / "data").mkdir()
+    (path / "data" / "x.npy").write_bytes(b"\x00\x01\x02")
+    return _tree(path)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_without_a_checkpoint_deletes_nothing(tiny_config):
+    cfg = tiny_config("name=mine")
+    target = Path(cfg.out_dir) / "mine"
+    before = _user_dir(target)  # not a run directory at all
+    with pytest.raises(CheckpointError, match="holds no checkpoint.safetensors.*nothing was"):
+        Trainer(cfg, resume=True).fit()
+    assert _tree(target) == before
+
+
+def test_resume_of_a_missing_directory_is_an_error(tiny_config):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Trainer(tiny_config("name=nowhere"), resume=True).fit()
+
+
+def test_resume_of_a_finished_run_says_it_is_finished(tiny_config):
+    run = Trainer(tiny_config("epochs=1")).fit()
+    before = _tree(run)
+    with pytest.raises(CheckpointError, match=r"is finished \(1 epochs trained\).*--extend"):
+        Trainer(tiny_config("epochs=1"), resume=True).fit()
+    with pytest.raises(CheckpointError, match="is finished.*--extend"):
+        Trainer(tiny_config("epochs=3"), resume=True).fit()  # more epochs is --extend's job
+    assert _tree(run) == before
+
+
+def test_extend_trains_further_along_the_longer_schedule(tiny_config):
+    run = Trainer(tiny_config("epochs=1", "optim.schedule=cosine")).fit()
+    with pytest.raises(CheckpointError, match="config asks for 1; give more"):
+        Trainer(tiny_config("epochs=1", "optim.schedule=cosine"), extend=True).fit()
+    first = load_file(str(run / io.MODEL_FILE))
+    trainer = Trainer(tiny_config("epochs=3", "optim.schedule=cosine"), extend=True)
+    trainer.fit()
+    rows = Run(run).metrics()
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    # the documented semantics: from step 8 (1 epoch of 8 steps) the lr is that of the
+    # 3-epoch cosine schedule: at the last step of epoch 2 (step 15 of 24)
+    expected = 0.003 * (1 + math.cos(math.pi * 15 / 24)) / 2
+    assert rows[1]["lr"] == pytest.approx(expected, rel=1e-5)
+    assert json.loads((run / io.META_FILE).read_text())["status"] == "complete"
+    second = load_file(str(run / io.MODEL_FILE))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+# ----------------------------------------------------------------------------- overwrite
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tiny_config):
+    cfg = tiny_config("name=mine")
+    target = Path(cfg.out_dir) / "mine"
+    before = _user_dir(target)
+    with pytest.raises(CheckpointError, match="not a robustlab run directory"):
+        Trainer(cfg, overwrite=True).fit()
+    assert _tree(target) == before
+
+
+def test_overwrite_deletes_only_what_robustlab_wrote(tiny_config):
+    run = Trainer(tiny_config("epochs=1")).fit()
+    (run / io.EVAL_FILE).write_text("{}")  # a stale evaluation of the old weights
+    (run / "my-notes.txt").write_text("keep me")
+    sibling = run.parent / "other"
+    sibling.mkdir()
+    (sibling / "f").write_text("keep")
+    Trainer(tiny_config("epochs=1", "seed=3"), overwrite=True).fit()
+    assert not (run / io.EVAL_FILE).exists()
+    assert (run / "my-notes.txt").read_text() == "keep me"
+    assert (sibling / "f").read_text() == "keep"
+    assert [r["epoch"] for r in Run(run).metrics()] == [1]
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+def test_lock_refuses_a_second_writer_and_names_the_holder(tmp_path):
+    path = tmp_path / "run" / ".lock"
+    with FileLock(path, "training (a)"):
+        info = json.loads(path.read_text())
+        assert info["pid"] == os.getpid() and info["purpose"] == "training (a)"
+        with pytest.raises(LockedError, match=rf"training \(a\) by pid {os.getpid()}"):
+            FileLock(path, "training (b)").acquire()
+    assert not path.exists()  # released
+    with FileLock(path, "again"):
+        pass
+
+
+def test_a_stale_lock_of_a_dead_process_is_detected_and_named(tmp_path, caplog):
+    path = tmp_path / ".lock"
+    # a process that takes the lock and dies without releasing it
+    code = (
+        "import os; from robustlab.io import FileLock; "
+        f"FileLock({str(path)!r}, 'x').acquire(); os._exit(0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    dead_pid = json.loads(path.read_text())["pid"]
+    with caplog.at_level("WARNING"), FileLock(path, "y") as lock:
+        assert lock.stale["pid"] == dead_pid
+    assert f"stale lock of pid {dead_pid}" in caplog.text
+
+
+def test_a_second_writer_of_one_run_directory_is_refused(tiny_config, tmp_path):
+    """While a process writes a run directory (here: holds its lock), `train --overwrite`
+    and `eval` of that directory are refused in one line naming the holder; nothing of the
+    run changes."""
+    from robustlab.config import dump_config
+
+    cfg = tiny_config("epochs=1")
+    run = Trainer(cfg).fit()
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(dump_config(cfg))
+    before = _tree(run)
+    env = {**os.environ, "ROBUSTLAB_PROGRESS": "0"}
+    with Run(run).lock("training (tiny)"):
+        with pytest.raises(LockedError, match=rf"in use: training \(tiny\) by pid {os.getpid()}"):
+            Trainer(cfg, overwrite=True).fit()
+        for argv in (["train", str(cfg_path), "--overwrite"], ["eval", str(run)]):
+            proc = subprocess.run(
+                [sys.executable, "-m", "robustlab", "-q", *argv], env=env, capture_output=True,
+                text=True,
+            )  # fmt: skip
+            assert proc.returncode == 2, proc.stderr
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and f"in use: training (tiny) by pid {os.getpid()}" in lines[0]
+        assert {k: v for k, v in _tree(run).items() if k != ".lock"} == before
+    assert not (run / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_a_failing_replace_leaves_the_previous_checkpoint_loadable(tiny_config, monkeypatch):
+    trainer = Trainer(tiny_config("epochs=1"))
+    run = trainer.fit()
+    before = (run / io.CHECKPOINT_FILE).read_bytes()
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device", str(dst))
+
+    monkeypatch.setattr(io.os, "replace", broken_replace)
+    trainer.epoch += 1  # a different state to write
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    assert (run / io.CHECKPOINT_FILE).read_bytes() == before
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # no partial file
+    tensors, state = io.load_tensors(run / io.CHECKPOINT_FILE)
+    assert state["epoch"] == 1 and tensors
+
+
+# ----------------------------------------------------------------------------- eval resume
+
+
+def _eval(model, data, state, **kw):
+    from robustlab.evaluate import evaluate
+
+    return evaluate(model, data, attacks=["fgsm"], eps=[0.1], state_file=state, **kw)
+
+
+def test_evaluation_resumes_only_for_the_same_evaluation(trained_mnist_model, tmp_path):
+    """A state written for the train split is not reused for the test split (the bug:
+    `eval --split train` then `eval --split test` printed the train figure)."""
+    import robustlab as rl
+
+    model, test = trained_mnist_model
+    train = rl.load_dataset("mnist5k", "train")
+    state = tmp_path / "state.json"
+    on_train = _eval(model, train, state, n=100)
+    on_test = _eval(model, test, state, n=100)
+    fresh = _eval(model, test, None, n=100)
+    assert on_train.clean_accuracy != fresh.clean_accuracy  # the two splits differ here
+    assert on_test.clean_accuracy == fresh.clean_accuracy
+    assert on_test.results[0].robust_accuracy == fresh.results[0].robust_accuracy
+    assert any("data differs" in w and "started afresh" in w for w in on_test.warnings)
+    # other indices of the same split, other eps, other weights: each starts afresh
+    for kw, what in [
+        (dict(data=test.subset(torch.arange(1, 101))), "data"),
+        (dict(eps=[0.2]), "eps"),
+        (dict(seed=5), "seed"),
+    ]:
+        _eval(model, test, state, n=100)
+        data = kw.pop("data", test.subset(100))
+        from robustlab.evaluate import evaluate
+
+        report = evaluate(model, data, attacks=["fgsm"], **{"eps": [0.1], **kw}, state_file=state)
+        assert any(f"{what} differ" in w for w in report.warnings), (what, report.warnings)
+    other = rl.create_model("lenet", in_channels=1, input_size=28)
+    report = _eval(other, test, state, n=100)
+    assert any(re.search(r"\(weights(, \w+)* differ", w) for w in report.warnings)
+    # the same evaluation resumes without a note
+    again = _eval(other, test, state, n=100)
+    assert not again.warnings or all("differ" not in w for w in again.warnings)
+
+
+def test_second_evaluation_of_one_state_file_is_refused(tmp_path):
+    state = tmp_path / "s.json"
+    with FileLock(tmp_path / "s.json.lock", "evaluation"):
+        code = textwrap.dedent(f"""
+            import torch, robustlab as rl
+            data = rl.load_dataset("synthetic", "test", n_test=8, size=8, num_classes=3)
+            c, h, w = data.shape
+            m = rl.create_model("mlp", num_classes=3, in_channels=c, input_size=h)
+            rl.evaluate(m, data, attacks=["fgsm"], eps=[0.1], state_file={str(state)!r})
+        """)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0 and "LockedError" in proc.stderr and "in use" in proc.stderr
+
+
+def test_run_clear_refuses_foreign_directories(tmp_path):
+    before = _user_dir(tmp_path / "x")
+    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+        Run(tmp_path / "x").clear()
+    assert _tree(tmp_path / "x") == before
+    with pytest.raises(RobustlabError, match="not a robustlab run directory"):
+        Run(tmp_path / "x").require()
