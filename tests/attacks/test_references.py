@@ -95,6 +95,27 @@ def test_pgd_without_random_start_equals_torchattacks(trained_mnist_model):
     assert float((ours - theirs).abs().max()) <= 1e-6
 
 
+def test_l2_pgd_agrees_with_torchattacks_pgdl2(trained_mnist_model):
+    model, test = trained_mnist_model
+    x, y = test.float_images()[:200], test.y[:200]
+    eps, alpha, steps = 1.5, 0.3, 10
+    ours = PGD(model, eps=eps, norm="l2", steps=steps, step_size=alpha, random_start=False)(x, y)
+    peer = torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=False)
+    theirs = peer(x, y)
+    for adv in (ours, theirs):
+        assert float((adv - x).flatten(1).norm(dim=1).max()) <= eps + 1e-5
+        assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean()
+        acc_ours = (model(ours).argmax(1) == y).float().mean()
+        acc_theirs = (model(theirs).argmax(1) == y).float().mean()
+    assert acc_ours < clean - 0.2  # the attack does something at this budget
+    assert abs(float(acc_ours - acc_theirs)) <= 0.02, (float(acc_ours), float(acc_theirs))
+    # same algorithm: the points agree up to float rounding (amplified over the steps)
+    gap = (ours - theirs).flatten(1).norm(dim=1)
+    assert float(gap.median()) <= 1e-3 and float(gap.max()) <= 0.05 * eps
+
+
 def test_apgd_is_at_least_as_strong_as_torchattacks_apgd(trained_mnist_model):
     model, test = trained_mnist_model
     x, y = test.float_images()[:100], test.y[:100]

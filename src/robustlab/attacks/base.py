@@ -13,7 +13,8 @@ Contracts (DESIGN.md) enforced here for every attack:
   device, and never NaN;
 - the model is left as found: every module's train/eval mode is restored, no
   gradient is accumulated on parameters (input gradients come from
-  ``torch.autograd.grad``), no parameter changes;
+  ``torch.autograd.grad``), no parameter changes, and with ``model_mode="train"`` every
+  buffer (batch norm running statistics, ``num_batches_tracked``) is put back;
 - bad input (pixels outside [0, 1], NaN, wrong shapes, labels out of range, negative
   eps, a model whose output is not a 2-D logit tensor) raises an error naming it.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustlab.errors import RobustlabError, did_you_mean
+from robustlab.nn.adapt import OutputError, OutputSpec, check_logits, preserve_modes, select_output
 from robustlab.registry import Registry, init_options
 
 #: name -> Attack subclass
@@ -42,6 +44,10 @@ TARGET_MODES = (False, True, "random", "least_likely")
 
 class AttackError(RobustlabError, ValueError):
     """Invalid input to an attack."""
+
+
+class AttackOutputError(AttackError, OutputError):
+    """The model's output is not (or ``output_fn`` does not select) a logits tensor."""
 
 
 class AttackResult(NamedTuple):
@@ -181,6 +187,45 @@ def random_start(
 # ----------------------------------------------------------------------------- base class
 
 
+def _check_eps(eps: Any) -> float:
+    """``eps`` as a float, or an :class:`AttackError` naming what is wrong with it."""
+    if isinstance(eps, (str, bytes, bool)):
+        raise AttackError(f"eps must be a number, got {eps!r}")
+    try:
+        value = float(eps)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+        raise AttackError(f"eps must be a number, got {eps!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise AttackError(f"eps must be a finite number >= 0, got {eps}")
+    return value
+
+
+@contextlib.contextmanager
+def _buffers_restored(model: Any, active: bool) -> Iterator[None]:
+    """Put every buffer of ``model`` back afterwards (when ``active``).
+
+    Train-mode passes update running statistics (batch norm's ``running_mean``,
+    ``running_var``, ``num_batches_tracked``; spectral norm's power-iteration vectors);
+    an attack run in train mode must not leave them moved.
+    """
+    if not active or not isinstance(model, nn.Module):
+        yield
+        return
+    saved = [
+        (m, name, buf, buf.detach().clone())
+        for m in model.modules()
+        for name, buf in m.named_buffers(recurse=False)
+        if not nn.parameter.is_lazy(buf)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, name, buf, value in saved:
+                buf.copy_(value)
+                m._buffers[name] = buf
+
+
 class Attack:
     """Base class of every attack.
 
@@ -190,8 +235,9 @@ class Attack:
         norm: ``"linf"`` or ``"l2"``.
         targeted: ``False``; ``True`` (pass ``target=`` to the call); ``"random"`` (a
             random wrong class); ``"least_likely"`` (the class the clean logits rank last).
-        output_fn: maps the model's raw output to logits (e.g. ``lambda out: out["logits"]``)
-            for models returning tuples or dicts.
+        output_fn: where the logits are in the model's output, for models returning
+            tuples or dicts: an index (``0``), a key (``"logits"``) or a function
+            (``lambda out: out.logits``).
         eot_samples: gradients (and losses) are averaged over this many forward passes:
             Expectation over Transformation for randomised models (see :func:`EOT`).
         model_mode: ``"eval"`` (default) or ``"train"``: the mode the model runs in
@@ -211,7 +257,7 @@ class Attack:
         eps: float | None,
         norm: str = "linf",
         targeted: bool | str = False,
-        output_fn: Callable[[Any], torch.Tensor] | None = None,
+        output_fn: OutputSpec = None,
         eot_samples: int = 1,
         model_mode: str = "eval",
         seed: int | None = None,
@@ -219,9 +265,13 @@ class Attack:
         if not isinstance(model, nn.Module) and not callable(model):
             raise AttackError(f"model must be an nn.Module or callable, got {type(model).__name__}")
         if eps is None and not self.minimum_norm:
-            raise AttackError(f"{self.name} needs eps")
-        if eps is not None and (not math.isfinite(float(eps)) or float(eps) < 0):
-            raise AttackError(f"eps must be a finite number >= 0, got {eps}")
+            minimum_norm = [n for n in ATTACKS.names() if ATTACKS.get(n).minimum_norm]
+            raise AttackError(
+                f"{self.name} needs eps (a number >= 0); only minimum-norm attacks "
+                f"({', '.join(minimum_norm)}) accept eps=None"
+            )
+        if eps is not None:
+            eps = _check_eps(eps)
         if norm not in NORMS:
             raise AttackError(
                 f"unknown norm {norm!r}{did_you_mean(str(norm), NORMS)} (choose linf or l2)"
@@ -232,6 +282,11 @@ class Attack:
             raise AttackError(f"eot_samples must be >= 1, got {eot_samples}")
         if model_mode not in ("eval", "train"):
             raise AttackError(f"model_mode must be 'eval' or 'train', got {model_mode!r}")
+        index_or_key = isinstance(output_fn, (int, str)) and not isinstance(output_fn, bool)
+        if output_fn is not None and not (index_or_key or callable(output_fn)):
+            raise AttackError(
+                f"output_fn must be an index, a key or a function, got {type(output_fn).__name__}"
+            )
         self.model = model
         self.eps = None if eps is None else float(eps)
         self.norm = norm
@@ -273,20 +328,10 @@ class Attack:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits for ``x``, checked to be a (B, K) tensor."""
-        out = self.model(x)
-        if self.output_fn is not None:
-            out = self.output_fn(out)
-        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
-            what = (
-                type(out).__name__
-                if not isinstance(out, torch.Tensor)
-                else f"a tensor of shape {tuple(out.shape)}"
-            )
-            raise AttackError(
-                f"the model returned {what}; attacks need logits of shape (batch, classes): "
-                "pass output_fn=... to extract them (e.g. output_fn=lambda out: out[0])"
-            )
-        return out
+        try:
+            return check_logits(select_output(self.model(x), self.output_fn), x.shape[0])
+        except OutputError as err:  # the attacks' keyword is output_fn
+            raise AttackOutputError(str(err).replace("output=", "output_fn=")) from None
 
     def loss_and_grad(
         self, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, loss: str
@@ -334,18 +379,14 @@ class Attack:
 
     @contextlib.contextmanager
     def _model_state(self, device: torch.device) -> Iterator[None]:
-        modules = list(self.model.modules()) if isinstance(self.model, nn.Module) else []
-        modes = [m.training for m in modules]
         if self.seed is not None:
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self.seed)
+        train = self.model_mode == "train"
         try:
-            if isinstance(self.model, nn.Module):
-                self.model.train(self.model_mode == "train")
-            yield
+            with preserve_modes(self.model, training=train), _buffers_restored(self.model, train):
+                yield
         finally:
-            for m, mode in zip(modules, modes):
-                m.training = mode
             self._generator = None
 
     def _check_inputs(

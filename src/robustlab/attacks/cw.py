@@ -82,7 +82,7 @@ class CW(Attack):
         lo = torch.zeros(b, device=dev)
         hi = torch.full((b,), float("inf"), device=dev)
         best = x.clone()
-        best_norm = torch.full((b,), float("inf"), device=dev)
+        best_norm = torch.full((b,), float("inf"), device=dev, dtype=x.dtype)
         for _ in range(self.search_steps):
             w = w0.clone().requires_grad_(True)
             opt = torch.optim.Adam([w], lr=self.lr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 from robustlab.attacks.base import AttackError, _view, lp_norm
 from robustlab.attacks.deepfool import DeepFool
 from robustlab.data.base import ImageDataset, to_float
+from robustlab.nn.adapt import preserve_modes
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,8 @@ class UniversalPerturbation:
         batch_size: int = 32,
         seed: int = 0,
     ) -> None:
-        if xi < 0 or not 0 <= delta < 1:
-            raise AttackError(f"need xi >= 0 and 0 <= delta < 1, got {xi}, {delta}")
+        if not math.isfinite(xi) or xi < 0 or not 0 <= delta < 1:
+            raise AttackError(f"need a finite xi >= 0 and 0 <= delta < 1, got {xi}, {delta}")
         self.model, self.xi, self.norm, self.delta = model, float(xi), norm, delta
         self.max_passes, self.batch_size, self.seed = max_passes, batch_size, seed
         self.deepfool = DeepFool(
@@ -86,12 +88,8 @@ class UniversalPerturbation:
 
     @torch.no_grad()
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
-        was = self.model.training
-        self.model.eval()
-        try:
+        with preserve_modes(self.model, training=False):
             return torch.cat([self.model(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
-        finally:
-            self.model.train(was)
 
     def fit(
         self, data: ImageDataset | torch.Tensor, progress: bool | None = None
