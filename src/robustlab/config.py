@@ -8,6 +8,7 @@ model, data set or recipe builder and checked against its signature.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 import re
@@ -204,12 +205,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
+    if origin is collections.abc.Callable or tp is collections.abc.Callable:
+        if not callable(value):
+            raise ConfigError(f"{key}: expected a function, got {value!r}")
+        return value
+    if origin in (list, tuple, collections.abc.Sequence):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return (
             [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-            if args
+            if args and (origin is not tuple or (len(args) == 2 and args[1] is Ellipsis))
             else list(value)
         )
     if origin is dict:

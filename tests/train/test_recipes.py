@@ -264,3 +264,29 @@ def test_the_guard_state_survives_a_checkpoint_round_trip():
     resumed.load_state_dict(decode_state(encoded, tensors))
     assert resumed.guard.last_acc == 1.0 and resumed.guard.last_epoch == 1
     assert torch.equal(resumed.guard.last_state["bias"], torch.tensor([20.0, 0.0]))
+
+
+def test_smooth_grad_round_trip_of_an_untraceable_model():
+    """prepare() swaps in the smooth-gradient ReLU and export() swaps plain ReLU back; on a
+    model torch.fx cannot trace both swaps are verified by running the example batch."""
+    from torch import nn
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.out = nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.fc(x.flatten(1))
+            if h.abs().sum() >= 0:  # data-dependent control flow: fx cannot trace it
+                h = self.act(h)
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model, x = Untraceable(), torch.rand(4, 1, 4, 4)
+    recipe = create_recipe("standard", smooth_grad="both")
+    prepared = recipe.prepare(model, example=x[:2])
+    assert type(prepared.act).__name__ == "SmoothGradReLU"
+    exported = recipe.export(prepared)
+    assert type(exported.act) is nn.ReLU
+    assert torch.equal(exported(x), model(x))  # the same function as the original network

@@ -73,12 +73,34 @@ def _train_subprocess(config_path: Path, *extra: str, env: dict | None = None):
     return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("checkpoint_every", [5, 0])
-def test_resume_after_kill_reaches_the_same_weights(tiny_config, tmp_path, checkpoint_every):
-    """SIGKILL a run mid-epoch, resume it, compare with a run never interrupted."""
+_RANDOMISED = {
+    # crops and flips (augmentation) on the standard recipe
+    "augment": ["model.name=lenet", "model.options={}", "data.crop_padding=1", "data.flip=true"],
+    # PGD's random start, and dropout inside the model, draw from the global RNG
+    "pgd+dropout": [
+        "model.name=wide_resnet", "model.options={depth: 10, width: 1, dropout: 0.3}",
+        "recipe.name=pgd", "recipe.options={eps: 0.1, steps: 2}",
+    ],
+    "pgd": ["model.name=lenet", "model.options={}", "recipe.name=pgd",
+            "recipe.options={eps: 0.1, steps: 2}"],
+    # FGSM from a uniform random start, with its guard on held-out images
+    "fast": ["model.name=lenet", "model.options={}", "recipe.name=fast",
+             "recipe.options={eps: 0.1, guard_size: 16, guard_steps: 2}"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "randomness,checkpoint_every",
+    [("augment", 5), ("augment", 0), ("pgd+dropout", 5), ("pgd", 0), ("fast", 3)],
+)
+def test_resume_after_kill_reaches_the_same_weights(
+    tiny_config, tmp_path, randomness, checkpoint_every
+):
+    """SIGKILL a run mid-epoch, resume it, compare with a run never interrupted: bit-identical
+    weights and metrics whatever draws randomness (augmentation, random starts, dropout)."""
     common = [
-        "epochs=3", "data.crop_padding=1", "data.flip=true", "model.options={}", "model.name=lenet",
-        f"checkpoint_every={checkpoint_every}", "optim.schedule=onecycle",
+        "epochs=3", f"checkpoint_every={checkpoint_every}", "optim.schedule=onecycle",
+        *_RANDOMISED[randomness],
     ]  # fmt: skip
     paths = {}
     for name in ("whole", "killed"):

@@ -414,11 +414,13 @@ def _run_stages(
     results: list[EpsResult] = []
     robust_masks: dict[float, torch.Tensor] = {}
     warnings: list[str] = []
-    robust = clean_ok.clone()
+    carried = clean_ok  # robust so far: a point broken at a smaller eps stays broken above it
     for ei, e in enumerate(eps_list):
         key_e = f"{ei}"
-        if key_e in state["robust"]:
+        if key_e in state["robust"]:  # resumed
             robust = torch.tensor(state["robust"][key_e], dtype=torch.bool)
+        else:
+            robust = carried.clone()
         stages: list[StageResult] = []
         black_box_only, gradient_ran = 0, False
         for ai, spec in enumerate(specs):
@@ -481,8 +483,7 @@ def _run_stages(
             )
         robust_masks[e] = robust.clone()
         results.append(EpsResult(e, float(robust.float().mean()), stages))
-        if ei + 1 < len(eps_list) and f"{ei + 1}" not in state["robust"]:
-            state["robust"][f"{ei + 1}"] = robust.tolist()  # broken at eps stays broken above it
+        carried = robust
     if _is_randomised(model, x_all[: min(8, n)], dev):
         warnings.append(
             "the model's outputs vary between identical calls: it is randomised; attack it with EOT"

@@ -93,6 +93,7 @@ class Recipe:
 
         ``example`` (a small input batch) lets the swap be verified by running the model.
         """
+        self._example = example  # export's swap back to ReLU is verified on it too
         if self.activation is not None:
             model = swap_activations(model, self.activation, example=example)
         if self.smooth_grad is not None:
@@ -134,7 +135,10 @@ class Recipe:
     def export(self, model: nn.Module) -> nn.Module:
         """The plain inference model to save (ReLU back in place of the smooth-gradient ReLU)."""
         if self.smooth_grad is not None:
-            model = swap_activations(model, "relu")
+            example = getattr(self, "_example", None)
+            if example is not None:
+                example = example.to(next(model.parameters()).device)
+            model = swap_activations(model, "relu", example=example)
         return model
 
     def export_extras(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
