@@ -1,25 +1,33 @@
 """A differentiable Lipschitz bound for training (Lipschitz-Margin Training).
 
-:class:`LipschitzTracker` re-uses :func:`~robustlab.certify.lipschitz.lipschitz_bound`'s
-walk of the torch.fx graph for the structure (composition, residual sums,
-concatenation) and the weight-free factors (activations, pooling, normalisation), and
-recomputes the weighted layers differentiably each step: one power-iteration step per
-call on a persistent vector ``u`` per layer (no gradient through ``u``), and the bound
-``||A u||`` with gradient through the weights (Tsuzuku, Sato & Sugiyama, NeurIPS 2018).
-Batch norm enters as ``max |gamma| / sqrt(running_var + eps)`` (gradient through gamma).
+:class:`LipschitzTracker` walks the same torch.fx graph with the same rules as
+:func:`~robustlab.certify.lipschitz.lipschitz_bound` (:func:`~robustlab.certify.lipschitz.
+propagate`: composition, residual sums, concatenation; the weight-free factors of
+activations, pooling and normalisation) and recomputes the weighted layers
+differentiably each step: one power-iteration step per call on a persistent vector ``u``
+per layer (no gradient through ``u``), and the bound ``||A u||`` with gradient through the
+weights (Tsuzuku, Sato & Sugiyama, NeurIPS 2018). Batch norm enters as
+``max |gamma| / sqrt(running_var + eps)`` (gradient through gamma).
 """
 
 from __future__ import annotations
 
-import operator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from robustlab.certify.lipschitz import LipschitzError, _Tracer, lipschitz_bound, propagate_shapes
-
-_SUMS = {operator.add, torch.add, operator.sub, torch.sub}
+from robustlab.certify.lipschitz import (
+    LipschitzError,
+    Step,
+    _bn_scale,
+    _listed_factor,
+    _trace,
+    _Walk,
+    propagate,
+)
+from robustlab.nn.adapt import preserve_modes
 
 
 class LipschitzTracker(nn.Module):
@@ -37,22 +45,12 @@ class LipschitzTracker(nn.Module):
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], upto: str = "output"):
         super().__init__()
         shape = (1, *input_shape) if len(input_shape) in (1, 3) else tuple(input_shape)
-        graph = _Tracer().trace(model)
-        gm = fx.GraphModule(model, graph)
-        modes = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            propagate_shapes(gm, torch.zeros(shape, device=device))
-            report = lipschitz_bound(model, shape, method="lmt", fold_bn=False)
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
-        self._factors = {layer.node: layer.bound for layer in report.layers}
-        self._tensor_nodes = set(report.node_bounds)
-        modules = dict(gm.named_modules())
-        nodes = list(gm.graph.nodes)
-        out = next(n for n in nodes if n.op == "output").args[0]
+        with preserve_modes(model, training=False):
+            gm = _trace(model, shape)
+            # the weight-free factors now; the weighted ones at every call
+            walk = _Walk(gm, method="lmt", fold_bn=False, weighted=False)
+            steps, out = walk.steps()
+        modules = walk.modules
         last: nn.Linear | None = None
         if upto == "features":
             if not (out.op == "call_module" and isinstance(modules[out.target], nn.Linear)):
@@ -61,20 +59,22 @@ class LipschitzTracker(nn.Module):
             out = out.args[0]
         elif upto != "output":
             raise LipschitzError(f"upto must be 'output' or 'features', got {upto!r}")
-        self._nodes = nodes[: nodes.index(out) + 1]
+        nodes = [step.node for step in steps]
+        self._steps: list[Step] = steps[: nodes.index(out) + 1]
+        self._out = out.name
         # plain containers: the network's modules must not become this module's children
         self._layers_by_name = {"modules": modules, "last": last}
         self._vectors: dict[str, str] = {}
-        for node in self._nodes:
-            weighted = node.op == "call_module" and isinstance(
-                modules[node.target], (nn.Linear, nn.Conv2d)
-            )
-            if weighted:
-                in_shape = node.args[0].meta["shape"]
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        for step in self._steps:
+            if step.node.op == "call_module" and isinstance(
+                modules[step.node.target], (nn.Linear, nn.Conv2d)
+            ):
+                in_shape = step.node.args[0].meta["shape"]
                 u = torch.randn((1, *in_shape[1:]), generator=torch.Generator().manual_seed(0))
-                name = f"u_{node.name}"
+                name = f"u_{step.node.name}"
                 self.register_buffer(name, (u / u.norm()).to(device))
-                self._vectors[node.name] = name
+                self._vectors[step.node.name] = name
 
     @property
     def last(self) -> nn.Linear | None:
@@ -100,33 +100,15 @@ class LipschitzTracker(nn.Module):
             u.copy_(g / (g.norm() + 1e-12))
         return apply(u, m.weight).norm()  # differentiable in the weights
 
+    def _factor(self, step: Step) -> Any:
+        """The weighted rules' factors, differentiably; the others' as the walk found them."""
+        if not step.rule.weighted:  # type: ignore[union-attr]
+            return _listed_factor(step)
+        m = self._by_name(step.node.target)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return _bn_scale(m, differentiable=True).abs().max()
+        return self._layer(step.node, m)
+
     def forward(self) -> torch.Tensor:
-        bound: dict[str, torch.Tensor] = {}
-        result = None
-        for node in self._nodes:
-            if node.op == "placeholder":
-                bound[node.name] = torch.ones(())
-                continue
-            if node.name not in self._tensor_nodes:
-                continue
-            args = [a for a in node.args if isinstance(a, fx.Node) and a.name in bound]
-            if node.op == "call_function" and node.target in _SUMS:
-                bound[node.name] = sum(bound[a.name] for a in args)
-            elif node.op == "call_function" and node.target is torch.cat:
-                parts = [bound[a.name] for a in node.args[0] if a.name in bound]
-                bound[node.name] = torch.sqrt(sum(p * p for p in parts))
-            else:
-                src = bound[args[0].name]
-                m = self._by_name(node.target) if node.op == "call_module" else None
-                if isinstance(m, (nn.Linear, nn.Conv2d)):
-                    bound[node.name] = src * self._layer(node, m)
-                elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    scale = 1.0 / torch.sqrt(m.running_var.detach() + m.eps)
-                    if m.weight is not None:
-                        scale = scale * m.weight
-                    bound[node.name] = src * scale.abs().max()
-                else:
-                    bound[node.name] = src * self._factors.get(node.name, 1.0)
-            result = bound[node.name]
-        assert result is not None
-        return result
+        bound = propagate(self._steps, self._factor, one=torch.ones(()))
+        return bound[self._out]
