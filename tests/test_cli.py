@@ -175,3 +175,11 @@ def test_certify_command_writes_the_bound_and_certified_accuracy(tiny_config, ca
     curve = expected.curve()
     assert curve[0] == (0.0, expected.clean_accuracy) and curve[-1][1] > 0
     assert [a for _, a in curve] == sorted((a for _, a in curve), reverse=True)
+    # an estimate is called an estimate, on screen and in certify.json
+    assert main(["certify", str(run), "--radii", "0.5", "--n", "20", "--method", "power"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated certified L2 accuracy (power iteration: not a guarantee)" in out
+    result = json.loads((run / "certify.json").read_text())
+    assert result["report"]["guaranteed"] is False and result["bound"]["guaranteed"] is False
+    assert "estimated_certified_accuracy" in result["report"]
+    assert "certified_accuracy" not in result["report"]

@@ -252,3 +252,13 @@ def test_run_clear_refuses_foreign_directories(tmp_path):
     assert _tree(tmp_path / "x") == before
     with pytest.raises(RobustlabError, match="not a robustlab run directory"):
         Run(tmp_path / "x").require()
+
+
+def test_continuing_drops_metrics_rows_the_checkpoint_has_not_seen(tiny_config):
+    """A process killed between logging an epoch and checkpointing it leaves a row the
+    checkpoint does not know; continuing redoes that epoch and logs it once."""
+    run = Trainer(tiny_config("epochs=1")).fit()
+    Run(run).append_metrics({"epoch": 2, "orphan": True})
+    Trainer(tiny_config("epochs=2"), extend=True).fit()
+    rows = Run(run).metrics()
+    assert [r["epoch"] for r in rows] == [1, 2] and "orphan" not in rows[1]

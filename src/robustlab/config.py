@@ -73,6 +73,14 @@ _Loader.add_constructor(
 )
 
 
+def _yaml_problem(err: Exception) -> str:
+    """A YAML error in one line: what is wrong and where."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def load_yaml(text: str) -> Any:
     """Parse YAML text safely, reading ``1e-4`` and ``8/255`` as numbers."""
     return yaml.load(text, Loader=_Loader)
@@ -275,7 +283,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: cannot parse value ({err})") from None
+        raise ConfigError(f"override {text!r}: cannot parse value ({_yaml_problem(err)})") from None
     return key.split("."), value
 
 
@@ -313,7 +321,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: invalid YAML ({err})") from None
+            raise ConfigError(f"{p}: invalid YAML ({_yaml_problem(err)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of keys to values")
     data = apply_overrides(data, overrides or [])
