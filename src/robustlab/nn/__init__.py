@@ -1,13 +1,5 @@
 """Model surgery and building blocks that work on any ``nn.Module``."""
 
-from robustlab.nn.adapt import (
-    Classifier,
-    OutputError,
-    as_classifier,
-    check_logits,
-    preserve_modes,
-    select_output,
-)
 from robustlab.nn.activations import (
     ACTIVATIONS,
     MaxMin,
@@ -15,6 +7,14 @@ from robustlab.nn.activations import (
     SmoothGradReLU,
     SmoothReLU,
     make_activation,
+)
+from robustlab.nn.adapt import (
+    Classifier,
+    OutputError,
+    as_classifier,
+    check_logits,
+    preserve_modes,
+    select_output,
 )
 from robustlab.nn.aux_bn import (
     AuxBatchNorm,
@@ -28,24 +28,24 @@ from robustlab.nn.aux_bn import (
 from robustlab.nn.swap import SwapError, count_activations, smooth_gradients, swap_activations
 
 __all__ = [
-    "Classifier",
-    "OutputError",
-    "as_classifier",
-    "check_logits",
-    "preserve_modes",
-    "select_output",
     "ACTIVATIONS",
     "AuxBNError",
     "AuxBatchNorm",
+    "Classifier",
     "MaxMin",
+    "OutputError",
     "ParametricSoftplus",
     "SmoothGradReLU",
     "SmoothReLU",
     "SwapError",
+    "as_classifier",
     "aux_bn_state",
+    "check_logits",
     "convert_aux_bn",
     "count_activations",
     "make_activation",
+    "preserve_modes",
+    "select_output",
     "smooth_gradients",
     "split_bn",
     "strip_aux_bn",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torch import nn
 from robustlab.errors import RobustlabError
 
 #: how to find the logits in a model's output: an index, a key or a function
-OutputSpec = Union[int, str, Callable[[Any], torch.Tensor], None]
+OutputSpec = int | str | Callable[[Any], torch.Tensor] | None
 
 
 class OutputError(RobustlabError, ValueError):
