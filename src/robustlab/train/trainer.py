@@ -344,12 +344,15 @@ class Trainer:
             )
 
     def _acquire_lock(self) -> None:
-        """Rank 0 takes the directory's lock; every rank learns whether it succeeded."""
+        """Rank 0 takes the directory's lock and looks again under it (another writer may
+        have finished meanwhile); every rank learns whether that succeeded."""
         error: Exception | None = None
         if self.dist.is_main:
             try:
                 self._lock = self.run.lock(f"training ({self.cfg.name})").acquire()
-            except (io.LockedError, OSError) as err:
+                self._check_run_dir()
+            except (RobustlabError, OSError) as err:
+                self._release_lock()
                 error = err
         failed = self.dist.all_reduce_sum(torch.tensor([1.0 if error else 0.0]))
         if error is not None:
@@ -367,7 +370,6 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.parent.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
-        self._check_run_dir()  # again under the lock: another writer may have finished meanwhile
         continuing = self.resume or self.extend
         if continuing:
             self._load_checkpoint()
