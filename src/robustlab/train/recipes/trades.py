@@ -10,6 +10,7 @@ from torch import nn
 
 from robustlab.attacks.base import normalize_step, project
 from robustlab.errors import ConfigError
+from robustlab.nn.adapt import preserve_modes
 from robustlab.train.recipes.base import RECIPES, AdversarialRecipe
 
 
@@ -57,21 +58,15 @@ class TRADESTraining(AdversarialRecipe):
         if eps == 0:
             return x
         net = self.unwrap(model)
-        modes = {m: m.training for m in net.modules()}
-        net.eval()
-        try:
-            with self.attacking(model), torch.enable_grad():
-                with torch.no_grad():
-                    clean = net(x)
-                x_adv = project(x + 0.001 * torch.randn_like(x), x, eps, self.norm)
-                for _ in range(self.steps):
-                    xa = x_adv.detach().requires_grad_(True)
-                    (grad,) = torch.autograd.grad(kl_clean_adv(clean, net(xa)).sum(), xa)
-                    moved = xa.detach() + step * normalize_step(grad, self.norm)
-                    x_adv = project(moved, x, eps, self.norm)
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        with preserve_modes(net, training=False), self.attacking(model), torch.enable_grad():
+            with torch.no_grad():
+                clean = net(x)
+            x_adv = project(x + 0.001 * torch.randn_like(x), x, eps, self.norm)
+            for _ in range(self.steps):
+                xa = x_adv.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(kl_clean_adv(clean, net(xa)).sum(), xa)
+                moved = xa.detach() + step * normalize_step(grad, self.norm)
+                x_adv = project(moved, x, eps, self.norm)
         return x_adv.detach()
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
