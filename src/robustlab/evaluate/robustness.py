@@ -241,6 +241,9 @@ def evaluate(
     attack_options: dict[str, Any] | None = None,
     fast: bool = True,
     output: OutputSpec = None,
+    transfer_from: nn.Module | None = None,
+    adaptive: bool = True,
+    eot_samples: int = 10,
 ) -> EvalReport:
     """Clean and worst-case robust accuracy of ``model`` on ``data``.
 
@@ -262,6 +265,13 @@ def evaluate(
             of the model (same function, faster convolutions); the model is untouched.
         output: for a model returning a tuple or dict: the index, key or function that
             selects its logits (see :func:`robustlab.nn.as_classifier`).
+        transfer_from: a surrogate model: the attacks run on it and their adversarial
+            examples are scored on ``model`` (a black-box transfer evaluation).
+        adaptive: for a :class:`~robustlab.defenses.DefendedModel`, evaluate it
+            adaptively (see :func:`robustlab.evaluate.adaptive.evaluate_defended`): the
+            undefended model, the naive attack, BPDA, EOT, BPDA+EOT and transfer from the
+            undefended model, with the per-point worst case as the headline.
+        eot_samples: EOT draws for the adaptive evaluation of a randomized defense.
 
     A state file is resumed only when everything that decides the result is the same:
     the weights (hash), the points (hash of images and labels: data set, split and subset),
@@ -289,14 +299,28 @@ def evaluate(
         data = data.subset(check_count(n, len(data), "n"))
     if len(data) == 0:
         raise ConfigError("the evaluation set is empty")
+    from robustlab.defenses import DefendedModel
+
+    if adaptive and isinstance(model, DefendedModel) and transfer_from is None:
+        from robustlab.evaluate.adaptive import evaluate_defended
+
+        return evaluate_defended(
+            model, data, attacks=specs, eps=eps_list, norm=norm, batch_size=batch_size,
+            seed=seed, state_file=state_file, device=device, progress=progress,
+            attack_options=attack_options, fast=fast, output=output, eot_samples=eot_samples,
+        )  # fmt: skip
     model = as_classifier(model, output)
     dev = torch.device(device) if device is not None else model_device(model)
-    with preserve_modes(model, training=False):
+    source = as_classifier(transfer_from, output) if transfer_from is not None else model
+    example = to_float(data.x[:batch_size]).to(dev)
+    with preserve_modes(model, training=False), preserve_modes(source, training=False):
         check_logits(_forward(model, to_float(data.x[:2]).to(dev)), min(2, len(data)))
+        if transfer_from is not None:
+            check_logits(_forward(source, to_float(data.x[:2]).to(dev)), min(2, len(data)))
         return _evaluate(
             model, data, specs, eps_list, norm, batch_size, seed, state_file, dev, progress,
-            attack_options or {}, fast,
-            fast_model(model, to_float(data.x[:batch_size]).to(dev)) if fast else model,
+            attack_options or {}, fast, fast_model(source, example) if fast else source,
+            scorer=model if transfer_from is not None else None,
         )  # fmt: skip
 
 
@@ -346,12 +370,16 @@ def _eps_list(eps: Any) -> list[float]:
 
 def _evaluate(
     model, data, specs, eps_list, norm, batch_size, seed, state_file, dev, progress, common, fast,
-    target,
+    target, scorer=None,
 ) -> EvalReport:  # fmt: skip
-    """``model`` gives clean predictions and the signature; ``target`` is what is attacked."""
+    """``model`` gives clean predictions and the signature; ``target`` is what is attacked;
+    ``scorer`` (transfer) decides success instead of the attack's own model."""
     x_all, y_all = data.x, data.y
+    torch.manual_seed(seed)  # a randomized model's clean predictions are reproducible too
     clean_ok = _predict(model, x_all, batch_size, dev) == y_all
     settings = _settings(model, data, specs, eps_list, norm, seed, batch_size, common, fast)
+    if scorer is not None:
+        settings["transfer_from"] = _tensor_digest(list(target.state_dict().values()))
     sig = _signature(settings)
     state: dict[str, Any] = {"signature": sig, "settings": settings, "robust": {}, "stages": {}}
     path = Path(state_file) if state_file else None
@@ -364,7 +392,7 @@ def _evaluate(
         state, note = _resume(path, state, settings)
         report = _run_stages(
             model, specs, eps_list, norm, batch_size, seed, dev, progress, common, target,
-            x_all, y_all, clean_ok, state, path,
+            x_all, y_all, clean_ok, state, path, scorer,
         )  # fmt: skip
         if note:
             report.warnings.insert(0, note)
@@ -401,7 +429,7 @@ def _resume(
 
 def _run_stages(
     model, specs, eps_list, norm, batch_size, seed, dev, progress, common, target,
-    x_all, y_all, clean_ok, state, path,
+    x_all, y_all, clean_ok, state, path, scorer=None,
 ) -> EvalReport:  # fmt: skip
     n = len(y_all)
 
@@ -449,7 +477,12 @@ def _run_stages(
                     attack = spec.build(target, e, norm, s, **common)
                     x = to_float(x_all[idx]).to(dev)
                     y = y_all[idx].to(dev)
-                    success = attack.run(x, y).success.cpu()
+                    result = attack.run(x, y)
+                    if scorer is None:
+                        success = result.success.cpu()
+                    else:  # transfer: the examples made on the source, scored on the model
+                        with torch.no_grad():
+                            success = (scorer(result.x_adv).argmax(1) != y).cpu()
                     robust[idx[success]] = False
                     stage["broken"] += int(success.sum())
                     stage["next"] = start + batch_size
