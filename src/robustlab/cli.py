@@ -74,7 +74,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     run = Run(args.run).require()
     eps = _split_floats(args.eps)
-    model = load(run.path, device=args.device)
+    model = _defended(load(run.path, device=args.device), args.defense)
     data, name = _load_run_data(run.path, args.split, args.n)
     result: dict = {"split": args.split, "n": len(data)}
     with run.lock("evaluation"):
@@ -89,12 +89,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             report = evaluate(
                 model, data, attacks=attacks, eps=eps, norm=args.norm,
                 batch_size=args.batch_size, seed=args.seed, state_file=state,
+                eot_samples=args.eot_samples,
             )  # fmt: skip
             result.update(clean_accuracy=report.clean_accuracy, robust=report.to_dict())
             print(report.table())
         path = run.write_output(EVAL_FILE, result)
     print(f"written         {path}")
     return 0
+
+
+def _defended(model, specs: list[str] | None):
+    """``model`` behind the ``--defense`` specs given on the command line (if any)."""
+    if not specs:
+        return model
+    from robustlab.defenses import defend
+
+    return defend(model, specs)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -322,6 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--state", help="resumable state file (default: RUN/eval_state.json)")
+    p.add_argument(
+        "--defense",
+        action="append",
+        metavar="SPEC",
+        help="put an inference defense in front (repeatable, in order), e.g. jpeg:quality=75; "
+        "the evaluation is then adaptive (naive, BPDA, EOT, transfer; worst case)",
+    )
+    p.add_argument(
+        "--eot-samples", type=_positive_int, default=10, help="EOT draws for randomized defenses"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cpu)")
     p.set_defaults(func=_cmd_eval)
 

@@ -151,6 +151,8 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm when data-parallel
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: epoch ends)
     eval_every: int = 1  # clean test accuracy every N epochs (0: only at the end)
+    defenses: list[str] = field(default_factory=list)  # inference defenses in front of the
+    # model, trained through and saved with it: specs such as "jpeg:quality=75"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -190,6 +190,9 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> nn.Mo
         run_dir: a directory written by ``robustlab train``.
         device: where to put the model (default: CPU).
 
+    A run trained behind inference defenses (``defenses:`` in its config) comes back as a
+    :class:`~robustlab.defenses.DefendedModel` with the same defenses.
+
     Example:
         >>> model = robustlab.load("runs/demo-mnist")
     """
@@ -215,6 +218,13 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> nn.Mo
         raise CheckpointError(f"{weights} does not exist{hint}")
     state, _ = load_tensors(weights)
     load_state_dict_strict(model, state, str(weights))
+    specs = run.meta().get("defenses") or []
+    if specs:  # trained behind inference defenses: loaded behind them
+        from robustlab.defenses import defend
+
+        if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+            raise CheckpointError(f"{run.path / META_FILE}: defenses must be a list of specs")
+        model = defend(model, specs)
     return model.to(device or "cpu").eval()
 
 

@@ -220,7 +220,12 @@ class Trainer:
             spec_kwargs.update(mean=list(train.mean), std=list(train.std))
         self.model_spec = {"name": cfg.model.name, "kwargs": spec_kwargs}
         model = create_model(cfg.model.name, **spec_kwargs)
-        model = self.recipe.prepare(model, example=train.float_images(slice(0, 2))).to(self.device)
+        model = self.recipe.prepare(model, example=train.float_images(slice(0, 2)))
+        if cfg.defenses:  # trained with the defenses in front, saved with them (meta.json)
+            from robustlab.defenses import defend
+
+            model = defend(model, cfg.defenses)
+        model = model.to(self.device)
         if self.dist.enabled and cfg.sync_bn:
             if self.device.type != "cuda":
                 raise ConfigError(
@@ -388,6 +393,11 @@ class Trainer:
             self._write_meta(status="running")
         self.dist.barrier()
 
+    def _defense_specs(self) -> list[str]:
+        from robustlab.defenses import DefendedModel
+
+        return self.model.specs() if isinstance(self.model, DefendedModel) else []
+
     def _write_meta(
         self, status: str, final: dict[str, Any] | None = None, extras: list[str] | None = None
     ) -> None:
@@ -401,6 +411,7 @@ class Trainer:
                 "options": self.cfg.data.options,
             },
             "recipe": {"name": self.cfg.recipe.name, "options": self.cfg.recipe.options},
+            "defenses": self._defense_specs(),
             "world_size": self.dist.world_size,
             "versions": io.versions(),
             "git_commit": io.git_commit(),
@@ -551,6 +562,10 @@ class Trainer:
         if not last_row:  # resumed a run stopped between its last epoch and its export
             rows = self.run.metrics()
             last_row = rows[-1] if rows else {"test_acc": self.evaluate()}
+        from robustlab.defenses import DefendedModel
+
+        if isinstance(exported, DefendedModel):  # weights of the model; defenses in meta
+            exported = exported.model
         if self.dist.is_main:
             self.run.save_model(exported)
             extras = self.recipe.export_extras(self.model)
