@@ -104,3 +104,34 @@ def test_transfer_scores_the_surrogate_examples_on_the_model(trained_mnist_model
                          transfer_from=other, fast=False)  # fmt: skip
     x, y = test.float_images()[:64], test.y[:64]
     assert torch.equal(report.robust[0.15], _robust_by_hand(model, x, y, other, model, eps=0.15))
+
+
+class _Flaky(torch.nn.Module):
+    """Predicts the true class (the label is encoded in the image) except with probability
+    0.3 per call, when it predicts the next class: a randomized model of known accuracy."""
+
+    def forward(self, x):
+        label = (x[:, 0, 0, 0] * 10).round().long()
+        flip = (torch.rand(len(x)) < 0.3).long()
+        return torch.nn.functional.one_hot((label + flip) % 10, 10) + 0.0 * x.flatten(1)[:, :1]
+
+
+def test_randomized_models_are_scored_over_draws_worst_case_and_majority():
+    """A point is robust in the worst case only if every draw is right, on the clean image
+    and on its adversarial example (at eps 0 the image itself): 0.7^10 for 5 + 5 draws; by
+    majority vote if most are, twice; scored once each, 0.7^2 (about 0.49)."""
+    from robustlab.data import ImageDataset
+
+    y = torch.arange(400) % 10
+    data = ImageDataset(y.float()[:, None, None, None].expand(-1, 1, 2, 2) / 10, y, 10)
+    kw = dict(attacks=["fgsm"], eps=[0.0], fast=False)
+    scored = rl.evaluate(_Flaky(), data, **kw, rescore_draws=5)
+    once = rl.evaluate(_Flaky(), data, **kw, rescore_draws=1)
+    majority_5 = sum(  # P(at most 2 of 5 draws flip)
+        __import__("math").comb(5, k) * 0.3**k * 0.7 ** (5 - k) for k in range(3)
+    )
+    assert scored.draws == 5 and once.draws == 1
+    assert abs(scored.results[0].robust_accuracy - 0.7**10) < 0.03  # 0.028
+    assert abs(scored.results[0].majority_accuracy - majority_5**2) < 0.06  # 0.70
+    assert abs(once.results[0].robust_accuracy - 0.7 * 0.7) < 0.08  # clean draw, then one more
+    assert "majority" in scored.table() and any("randomised" in w for w in scored.warnings)

@@ -151,7 +151,7 @@ def evaluate_defended(
         state = _mode_state(state_file, name)
         modes[name] = evaluate(
             target, data, attacks=attacks, eps=eps, norm=norm, state_file=state,
-            attack_options=opts, adaptive=False, **extra, **kwargs,
+            attack_options=opts, adaptive=False, eot_samples=eot_samples, **extra, **kwargs,
         )  # fmt: skip
     defended = [r for m, r in modes.items() if m != "none"]
     eps_list = sorted(defended[0].robust)

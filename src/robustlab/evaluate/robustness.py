@@ -130,8 +130,9 @@ class StageResult:
 @dataclass
 class EpsResult:
     eps: float
-    robust_accuracy: float  #: per-sample worst case over all attacks
+    robust_accuracy: float  #: per-sample worst case over all attacks (and draws)
     stages: list[StageResult]
+    majority_accuracy: float | None = None  #: randomized models: majority vote over draws
 
 
 @dataclass
@@ -146,6 +147,7 @@ class EvalReport:
     seed: int
     warnings: list[str] = field(default_factory=list)
     robust: dict[float, torch.Tensor] = field(default_factory=dict, repr=False)  #: per-sample masks
+    draws: int = 1  #: forward passes each example is scored over (randomized models)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -162,17 +164,19 @@ class EvalReport:
         head = f"{'eps':>8}  {'clean':>7}  " + "  ".join(
             f"{a:>{w}}" for a, w in zip(self.attacks, widths)
         )
+        scored = f", each example scored over {self.draws} draws" if self.draws > 1 else ""
         lines = [
-            f"{self.norm} robust accuracy, {self.n} points (cumulative after each attack)",
-            head + f"  {'worst case':>10}",
+            f"{self.norm} robust accuracy, {self.n} points (cumulative after each attack{scored})",
+            head + f"  {'worst case':>10}" + (f"  {'majority':>8}" if self.draws > 1 else ""),
         ]
         for r in self.results:
             cells = "  ".join(
                 f"{100 * s.robust_after:{w - 1}.2f}%" for s, w in zip(r.stages, widths)
             )
+            vote = f"  {100 * r.majority_accuracy:7.2f}%" if r.majority_accuracy is not None else ""
             lines.append(
                 f"{r.eps:8.4g}  {100 * self.clean_accuracy:6.2f}%  {cells}  "
-                f"{100 * r.robust_accuracy:9.2f}%"
+                f"{100 * r.robust_accuracy:9.2f}%{vote}"
             )
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
@@ -244,6 +248,7 @@ def evaluate(
     transfer_from: nn.Module | None = None,
     adaptive: bool = True,
     eot_samples: int = 10,
+    rescore_draws: int | None = None,
 ) -> EvalReport:
     """Clean and worst-case robust accuracy of ``model`` on ``data``.
 
@@ -272,6 +277,11 @@ def evaluate(
             undefended model, the naive attack, BPDA, EOT, BPDA+EOT and transfer from the
             undefended model, with the per-point worst case as the headline.
         eot_samples: EOT draws for the adaptive evaluation of a randomized defense.
+        rescore_draws: forward passes each adversarial (and clean) example is scored over;
+            default ``eot_samples`` for a model whose outputs vary between identical calls,
+            else 1. The robust accuracy is then the worst case over draws (a point counts
+            as broken if any draw misclassifies it) and ``majority_accuracy`` the
+            majority vote: filtering on one draw would inflate a randomized defense.
 
     A state file is resumed only when everything that decides the result is the same:
     the weights (hash), the points (hash of images and labels: data set, split and subset),
@@ -321,6 +331,7 @@ def evaluate(
             model, data, specs, eps_list, norm, batch_size, seed, state_file, dev, progress,
             attack_options or {}, fast, fast_model(source, example) if fast else source,
             scorer=model if transfer_from is not None else None,
+            rescore_draws=rescore_draws, eot_draws=eot_samples,
         )  # fmt: skip
 
 
@@ -370,14 +381,24 @@ def _eps_list(eps: Any) -> list[float]:
 
 def _evaluate(
     model, data, specs, eps_list, norm, batch_size, seed, state_file, dev, progress, common, fast,
-    target, scorer=None,
+    target, scorer=None, rescore_draws=None, eot_draws=10,
 ) -> EvalReport:  # fmt: skip
     """``model`` gives clean predictions and the signature; ``target`` is what is attacked;
     ``scorer`` (transfer) decides success instead of the attack's own model."""
     x_all, y_all = data.x, data.y
     torch.manual_seed(seed)  # a randomized model's clean predictions are reproducible too
+    randomized = _is_randomised(model, x_all[: min(8, len(x_all))], dev)
+    draws = rescore_draws
+    if draws is None:  # every example of a randomized model is scored over several draws
+        draws = eot_draws if randomized else 1
     clean_ok = _predict(model, x_all, batch_size, dev) == y_all
+    clean_majority = None
+    if draws > 1:
+        clean_ok, clean_majority = (
+            ~m for m in _score_batches(model, x_all, y_all, batch_size, dev, draws)
+        )
     settings = _settings(model, data, specs, eps_list, norm, seed, batch_size, common, fast)
+    settings["draws"] = draws
     if scorer is not None:
         settings["transfer_from"] = _tensor_digest(list(target.state_dict().values()))
     sig = _signature(settings)
@@ -392,7 +413,7 @@ def _evaluate(
         state, note = _resume(path, state, settings)
         report = _run_stages(
             model, specs, eps_list, norm, batch_size, seed, dev, progress, common, target,
-            x_all, y_all, clean_ok, state, path, scorer,
+            x_all, y_all, clean_ok, state, path, scorer, draws, clean_majority, randomized,
         )  # fmt: skip
         if note:
             report.warnings.insert(0, note)
@@ -427,11 +448,42 @@ def _resume(
     return fresh, note
 
 
+def _score_batches(
+    model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, batch_size: int,
+    dev: torch.device, draws: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`_score` of clean images, batch by batch."""
+    parts = [
+        _score(model, to_float(x_all[i : i + batch_size]).to(dev),
+               y_all[i : i + batch_size].to(dev), draws)
+        for i in range(0, len(x_all), batch_size)
+    ]  # fmt: skip
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _score(
+    model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, draws: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(misclassified on any of ``draws`` forward passes, on a majority of them)."""
+    with torch.no_grad():
+        wrong = sum((model(x_adv).argmax(1) != y).long() for _ in range(draws))
+    return (wrong > 0).cpu(), (2 * wrong > draws).cpu()
+
+
 def _run_stages(
     model, specs, eps_list, norm, batch_size, seed, dev, progress, common, target,
-    x_all, y_all, clean_ok, state, path, scorer=None,
+    x_all, y_all, clean_ok, state, path, scorer=None, draws=1, clean_majority=None,
+    randomized=False,
 ) -> EvalReport:  # fmt: skip
+    """The stage loop: for each eps (increasing), each attack runs on the points still
+    robust and breaks what it can. ``robust`` is the worst case; with ``draws`` > 1 (a
+    randomized model) every adversarial example is re-scored over that many forward
+    passes: broken in the worst case if any pass misclassifies it, broken by majority
+    vote if most do. Points are attacked while robust by majority vote, so both figures
+    see every attack."""
     n = len(y_all)
+    clean_majority = clean_ok if clean_majority is None else clean_majority
+    state.setdefault("majority", {})
 
     def save_state() -> None:
         if path is not None:
@@ -439,16 +491,19 @@ def _run_stages(
 
             write_json(path, state)
 
+    def restored(key: str, table: str, default: torch.Tensor) -> torch.Tensor:
+        saved = state[table].get(key)
+        return default.clone() if saved is None else torch.tensor(saved, dtype=torch.bool)
+
     results: list[EpsResult] = []
     robust_masks: dict[float, torch.Tensor] = {}
     warnings: list[str] = []
-    carried = clean_ok  # robust so far: a point broken at a smaller eps stays broken above it
+    # robust so far: a point broken at a smaller eps stays broken above it
+    carried, carried_majority = clean_ok, clean_majority
     for ei, e in enumerate(eps_list):
         key_e = f"{ei}"
-        if key_e in state["robust"]:  # resumed
-            robust = torch.tensor(state["robust"][key_e], dtype=torch.bool)
-        else:
-            robust = carried.clone()
+        robust = restored(key_e, "robust", carried)
+        majority = restored(key_e, "majority", carried_majority)
         stages: list[StageResult] = []
         black_box_only, gradient_ran = 0, False
         for ai, spec in enumerate(specs):
@@ -456,9 +511,9 @@ def _run_stages(
             stage = state["stages"].get(
                 key, {"next": 0, "broken": 0, "attacked": 0, "seconds": 0.0, "done": False}
             )
-            todo = robust.nonzero()[:, 0]
             if not stage["done"]:
                 if stage["next"] == 0:
+                    todo = majority.nonzero()[:, 0]
                     stage["attacked"] = int(todo.numel())
                     stage["targets"] = todo.tolist()
                 targets = torch.tensor(stage["targets"], dtype=torch.long)
@@ -478,22 +533,28 @@ def _run_stages(
                     x = to_float(x_all[idx]).to(dev)
                     y = y_all[idx].to(dev)
                     result = attack.run(x, y)
-                    if scorer is None:
-                        success = result.success.cpu()
-                    else:  # transfer: the examples made on the source, scored on the model
-                        with torch.no_grad():
-                            success = (scorer(result.x_adv).argmax(1) != y).cpu()
-                    robust[idx[success]] = False
-                    stage["broken"] += int(success.sum())
+                    if scorer is None and draws == 1:
+                        broken_any = broken_majority = result.success.cpu()
+                    else:  # transfer, or a randomized model: score on the evaluated model
+                        broken_any, broken_majority = _score(
+                            scorer if scorer is not None else model, result.x_adv, y, draws
+                        )
+                    stage["broken"] += int((robust[idx] & broken_any).sum())
+                    robust[idx[broken_any]] = False
+                    majority[idx[broken_majority]] = False
                     stage["next"] = start + batch_size
                     stage["seconds"] += time.perf_counter() - t0
                     state["stages"][key] = stage
-                    state["robust"][key_e] = robust.tolist()
+                    state["robust"][key_e], state["majority"][key_e] = (
+                        robust.tolist(), majority.tolist(),
+                    )  # fmt: skip
                     save_state()
                 stage["done"] = True
                 stage["robust_after"] = float(robust.float().mean())
                 state["stages"][key] = stage
-                state["robust"][key_e] = robust.tolist()
+                state["robust"][key_e], state["majority"][key_e] = (
+                    robust.tolist(), majority.tolist(),
+                )  # fmt: skip
                 save_state()
             uses_gradients = ATTACKS.get(spec.name).uses_gradients
             if not uses_gradients and gradient_ran:  # it found what gradient attacks missed
@@ -515,17 +576,26 @@ def _run_stages(
                 "attacks (EOT, BPDA)"
             )
         robust_masks[e] = robust.clone()
-        results.append(EpsResult(e, float(robust.float().mean()), stages))
-        carried = robust
-    if _is_randomised(model, x_all[: min(8, n)], dev):
+        results.append(
+            EpsResult(
+                e, float(robust.float().mean()), stages,
+                float(majority.float().mean()) if draws > 1 else None,
+            )
+        )  # fmt: skip
+        carried, carried_majority = robust, majority
+    if randomized and int(common.get("eot_samples", 1)) < 2:
         warnings.append(
-            "the model's outputs vary between identical calls: it is randomised; attack it with EOT"
+            "the model's outputs vary between identical calls: it is randomised; "
+            + (f"each example was scored over {draws} draws, but " if draws > 1 else "")
+            + "the attacks used one draw per gradient: attack it with EOT "
+            "(attack_options={'eot_samples': k}, or evaluate it as a DefendedModel)"
         )
     for w in warnings:
         log.warning(w)
     return EvalReport(
-        n=n, norm=norm, clean_accuracy=float(clean_ok.float().mean()), results=results,
+        n=n, norm=norm, clean_accuracy=float(clean_majority.float().mean()), results=results,
         attacks=[s.label for s in specs], seed=seed, warnings=warnings, robust=robust_masks,
+        draws=draws,
     )  # fmt: skip
 
 
