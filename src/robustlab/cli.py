@@ -5,7 +5,7 @@ robustlab eval RUN [--attacks A,B --eps E1,E2] [--split test] [--n N]
 robustlab compare RUN RUN ... --eps E1,E2
 robustlab certify RUN [--radii R1,R2]
 robustlab attack RUN --attack pgd --eps E --out adv.npz
-robustlab list models|datasets|recipes|activations|attacks
+robustlab list models|datasets|recipes|activations|attacks|defenses
 
 Bad input ends in one line on stderr (``robustlab: error: ...``) and exit status 2; every
 command that writes into a run directory holds its lock, so two writers never mix.
@@ -247,6 +247,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     from robustlab.attacks import ATTACKS
     from robustlab.data import DATASETS
+    from robustlab.defenses import DEFENSES
     from robustlab.models import MODELS
     from robustlab.nn import ACTIVATIONS
     from robustlab.train import RECIPES
@@ -257,6 +258,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         "recipes": RECIPES,
         "activations": ACTIVATIONS,
         "attacks": ATTACKS,
+        "defenses": DEFENSES,
     }[args.what]
     width = max(len(n) for n in registry.names())
     for name in registry.names():
@@ -392,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "list", help="list registered models, datasets, recipes, activations or attacks"
     )
-    p.add_argument("what", choices=["models", "datasets", "recipes", "activations", "attacks"])
+    p.add_argument(
+        "what", choices=["models", "datasets", "recipes", "activations", "attacks", "defenses"]
+    )
     p.set_defaults(func=_cmd_list)
     return parser
 

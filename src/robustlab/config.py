@@ -109,6 +109,9 @@ class ModelConfig:
     name: str = "small_cnn"  # a name from `robustlab list models`
     act: str = "relu"  # activation for every layer
     options: dict[str, Any] = field(default_factory=dict)  # model options (depth, width ...)
+    # feature-denoising blocks (Xie et al. 2019) after named submodules:
+    # {after: [names], kind: nonlocal_gaussian|nonlocal_dot|mean|median, embed: true}
+    denoise: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

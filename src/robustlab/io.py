@@ -204,6 +204,13 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> nn.Mo
         raise CheckpointError(f"{run.path / META_FILE}: model.kwargs must be a JSON object")
     try:
         model = create_model(spec["name"], **spec["kwargs"])
+        if spec.get("denoise"):
+            from robustlab.models.registry import add_denoising
+
+            kw = spec["kwargs"]
+            size = kw.get("input_size")
+            h, w = (size, size) if isinstance(size, int) else size
+            model = add_denoising(model, spec["denoise"], (kw.get("in_channels", 3), h, w))
     except (TypeError, ValueError) as err:
         raise CheckpointError(
             f"{run.path / META_FILE} describes a model that cannot be built ({err})"

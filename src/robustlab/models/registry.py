@@ -80,3 +80,22 @@ def flat_features(features: nn.Module, in_channels: int, input_size: int | Seque
     if out.numel() == 0:
         raise ValueError(f"input size {h}x{w} is too small for this model")
     return out.numel()
+
+
+def add_denoising(model: nn.Module, spec: dict[str, Any], shape: Sequence[int]) -> nn.Module:
+    """``model`` with the feature-denoising blocks ``spec`` describes (``after``, ``kind``,
+    ``embed``; see :func:`robustlab.nn.denoise.insert_denoising`), inserted by a dry run on
+    an input of ``shape`` (C, H, W). Used by the trainer and by ``load`` alike, so a run's
+    architecture is rebuilt exactly."""
+    from robustlab.errors import ConfigError
+    from robustlab.nn.denoise import insert_denoising
+
+    if not isinstance(spec, dict) or "after" not in spec:
+        raise ConfigError(
+            f"model.denoise needs 'after' (module names), got {spec!r}; "
+            "e.g. {after: ['3'], kind: nonlocal_gaussian}"
+        )
+    unknown = set(spec) - {"after", "kind", "embed"}
+    if unknown:
+        raise ConfigError(f"model.denoise: unknown keys {sorted(unknown)} (after, kind, embed)")
+    return insert_denoising(model, example=torch.zeros(2, *shape), **spec)

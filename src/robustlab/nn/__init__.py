@@ -25,6 +25,7 @@ from robustlab.nn.aux_bn import (
     strip_aux_bn,
     use_bn,
 )
+from robustlab.nn.denoise import DenoiseError, DenoisingBlock, insert_denoising
 from robustlab.nn.swap import SwapError, count_activations, smooth_gradients, swap_activations
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "AuxBNError",
     "AuxBatchNorm",
     "Classifier",
+    "DenoiseError",
+    "DenoisingBlock",
     "MaxMin",
     "OutputError",
     "ParametricSoftplus",
@@ -43,6 +46,7 @@ __all__ = [
     "check_logits",
     "convert_aux_bn",
     "count_activations",
+    "insert_denoising",
     "make_activation",
     "preserve_modes",
     "select_output",

@@ -220,6 +220,11 @@ class Trainer:
             spec_kwargs.update(mean=list(train.mean), std=list(train.std))
         self.model_spec = {"name": cfg.model.name, "kwargs": spec_kwargs}
         model = create_model(cfg.model.name, **spec_kwargs)
+        if cfg.model.denoise:
+            from robustlab.models.registry import add_denoising
+
+            model = add_denoising(model, cfg.model.denoise, (c, h, w))
+            self.model_spec["denoise"] = dict(cfg.model.denoise)
         model = self.recipe.prepare(model, example=train.float_images(slice(0, 2)))
         if cfg.defenses:  # trained with the defenses in front, saved with them (meta.json)
             from robustlab.defenses import defend
