@@ -23,11 +23,49 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robustlab.errors import ConfigError, did_you_mean
+from robustlab.errors import ConfigError, RobustlabError, did_you_mean
 from robustlab.registry import Registry, check_options, check_types, init_hints, init_options
 
 #: name -> Defense subclass
 DEFENSES: Registry[type] = Registry("defense")
+
+
+class DefenseInputError(RobustlabError, ValueError):
+    """A defense was given something other than a batch of pixels in [0, 1]."""
+
+
+def check_pixels(x: Any, who: str, channels: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``x`` if it is a floating-point (B, C, H, W) batch of pixels in [0, 1], else a
+    :class:`DefenseInputError` naming the problem (no silent clamping).
+
+    Args:
+        x: the batch.
+        who: the defense's name, for the message.
+        channels: the channel counts the defense supports (None: any).
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = getattr(x, "dtype", type(x).__name__)
+        raise DefenseInputError(f"{who}: expects a floating-point tensor of pixels, got {got}")
+    if x.ndim != 4:
+        raise DefenseInputError(
+            f"{who}: expects a batch of images (B, C, H, W), got shape {tuple(x.shape)}"
+        )
+    if channels is not None and x.shape[1] not in channels:
+        raise DefenseInputError(
+            f"{who}: supports {' or '.join(map(str, channels))} channels, got {x.shape[1]} "
+            f"(shape {tuple(x.shape)})"
+        )
+    if x.numel() == 0:
+        return x
+    if torch.isnan(x).any():
+        raise DefenseInputError(f"{who}: the input contains NaN")
+    lo, hi = float(x.detach().min()), float(x.detach().max())
+    if lo < 0.0 or hi > 1.0:
+        raise DefenseInputError(
+            f"{who}: expects pixels in [0, 1] (normalisation belongs inside the model), "
+            f"got values in [{lo:.4g}, {hi:.4g}]"
+        )
+    return x
 
 
 class Defense(nn.Module):
@@ -74,7 +112,7 @@ class Defense(nn.Module):
 
     def spec(self) -> str:
         """``name:key=value:...``: the text that rebuilds this defense (saved in meta.json)."""
-        opts = "".join(f":{k}={v}" for k, v in self.options().items())
+        opts = "".join(f":{k}={v}" for k, v in self.options().items() if v is not None)
         return f"{self.name}{opts}"
 
     def options(self) -> dict[str, Any]:

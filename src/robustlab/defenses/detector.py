@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustlab.defenses.base import Defense, create_defense
-from robustlab.defenses.squeeze import check_pixels
+from robustlab.defenses.base import Defense, check_pixels, create_defense
 from robustlab.errors import ConfigError
 from robustlab.nn.adapt import OutputSpec, check_logits, preserve_modes, select_output
 

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from robustlab.defenses.base import DEFENSES, Defense
-from robustlab.defenses.squeeze import check_pixels
+from robustlab.defenses.base import DEFENSES, Defense, check_pixels
 from robustlab.errors import ConfigError
 
 #: ITU-T T.81 Annex K.1 quantisation tables (natural row-major order), the tables

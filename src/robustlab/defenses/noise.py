@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from robustlab.defenses.base import DEFENSES, Defense
-from robustlab.defenses.squeeze import check_pixels
+from robustlab.defenses.base import DEFENSES, Defense, check_pixels
 from robustlab.errors import ConfigError
 
 

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from robustlab.defenses.base import DEFENSES, Defense
-from robustlab.defenses.squeeze import DefenseInputError, check_pixels
+from robustlab.defenses.base import DEFENSES, Defense, DefenseInputError, check_pixels
 from robustlab.errors import ConfigError
 
 MODES = ("nearest", "bilinear")

@@ -18,46 +18,8 @@ from typing import Any
 
 import torch
 
-from robustlab.defenses.base import DEFENSES, Defense
-from robustlab.errors import ConfigError, RobustlabError
-
-
-class DefenseInputError(RobustlabError, ValueError):
-    """A defense was given something other than a batch of pixels in [0, 1]."""
-
-
-def check_pixels(x: Any, who: str, channels: tuple[int, ...] | None = None) -> torch.Tensor:
-    """``x`` if it is a floating-point (B, C, H, W) batch of pixels in [0, 1], else a
-    :class:`DefenseInputError` naming the problem (no silent clamping).
-
-    Args:
-        x: the batch.
-        who: the defense's name, for the message.
-        channels: the channel counts the defense supports (None: any).
-    """
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        got = getattr(x, "dtype", type(x).__name__)
-        raise DefenseInputError(f"{who}: expects a floating-point tensor of pixels, got {got}")
-    if x.ndim != 4:
-        raise DefenseInputError(
-            f"{who}: expects a batch of images (B, C, H, W), got shape {tuple(x.shape)}"
-        )
-    if channels is not None and x.shape[1] not in channels:
-        raise DefenseInputError(
-            f"{who}: supports {' or '.join(map(str, channels))} channels, got {x.shape[1]} "
-            f"(shape {tuple(x.shape)})"
-        )
-    if x.numel() == 0:
-        return x
-    if torch.isnan(x).any():
-        raise DefenseInputError(f"{who}: the input contains NaN")
-    lo, hi = float(x.detach().min()), float(x.detach().max())
-    if lo < 0.0 or hi > 1.0:
-        raise DefenseInputError(
-            f"{who}: expects pixels in [0, 1] (normalisation belongs inside the model), "
-            f"got values in [{lo:.4g}, {hi:.4g}]"
-        )
-    return x
+from robustlab.defenses.base import DEFENSES, Defense, DefenseInputError, check_pixels
+from robustlab.errors import ConfigError
 
 
 @DEFENSES.register("bitdepth")

@@ -41,8 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from robustlab.defenses.base import DEFENSES, Defense
-from robustlab.defenses.squeeze import check_pixels
+from robustlab.defenses.base import DEFENSES, Defense, check_pixels
 from robustlab.errors import ConfigError
 
 #: s in the smoothed total variation sqrt(dh^2 + dv^2 + s^2) - s (pixel units)
