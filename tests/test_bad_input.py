@@ -87,6 +87,13 @@ CLI_CASES = [
     ("extend-not-longer", ["train", "{cfg}", "--extend"], r"cannot extend .*config asks for 1; give more"),
     ("overwrite-foreign", ["train", "{cfg}", "--set", "name=userdir", "--overwrite"], r"refusing to overwrite .*userdir: it is not a robustlab run directory"),
     ("exists", ["train", "{cfg}"], r"run directory .*tiny already exists: resume it \(--resume\), replace it \(--overwrite\)"),
+    ("duplicate-key", ["train", "{root}/dup.yaml"], r"dup.yaml: key 'epochs' is given twice \(line 2\)"),
+    ("name-escapes", ["train", "{cfg}", "--set", "name=../../escape"], r"name must be a plain directory name"),
+    ("momentum-range", ["train", "{cfg}", "--set", "optim.momentum=-1"], r"optim.momentum must lie in \[0, 1\)"),
+    ("betas-range", ["train", "{cfg}", "--set", "optim.betas=[0.9, 1.5]"], r"optim.betas must be two numbers in \[0, 1\)"),
+    ("device-missing", ["train", "{cfg}", "--set", "device=cuda:7"], r"(CUDA is not available here|has \d+ CUDA devices)"),
+    ("device-unknown", ["train", "{cfg}", "--set", "device=gpu"], r"device must be auto, cpu, cuda or cuda:N"),
+    ("recipe-step-size-negative", ["train", "{cfg}", "--set", "recipe.name=pgd", "--set", "recipe.options={{step_size: -1/255}}"], r"pgd recipe: step_size must be > 0"),
     # eval
     ("eval-missing-run", ["eval", "{root}/nowhere"], r"run directory .*nowhere does not exist"),
     ("eval-not-a-run", ["eval", "{root}/runs/userdir"], r"userdir is not a robustlab run directory \(it has no meta.json\)"),
@@ -103,11 +110,17 @@ CLI_CASES = [
     ("eval-unknown-attack-option", ["eval", "{run}", "--eps", "0.1", "--attacks", "pgd:stepz=3"], r"attack 'pgd' has no option 'stepz'; did you mean 'steps'"),
     ("eval-attack-option-type", ["eval", "{run}", "--eps", "0.1", "--attacks", "pgd:steps=abc"], r"attack 'pgd' option 'steps': expected an integer, got 'abc'"),
     ("eval-attack-option-form", ["eval", "{run}", "--eps", "0.1", "--attacks", "pgd:steps"], r"attack option 'steps' in 'pgd:steps' must look like key=value"),
+    ("eval-step-size-negative", ["eval", "{run}", "--eps", "0.1", "--attacks", "pgd:step_size=-1"], r"step_size must be a finite number > 0"),
+    ("eval-targeted-true", ["eval", "{run}", "--eps", "0.1", "--attacks", "pgd:targeted=true"], r"targeted=true needs target classes"),
+    ("eval-state-not-a-state", ["eval", "{run}", "--eps", "0.1", "--state", "{root}/precious.npz"], r"precious.npz exists and is not an evaluation state; refusing to overwrite it"),
+    ("eval-device-unavailable", ["eval", "{run}", "--device", "cuda:3"], r"(CUDA is not available here|has \d+ CUDA devices)"),
     ("eval-batch-zero", ["eval", "{run}", "--batch-size", "0"], r"argument --batch-size: must be >= 1, got 0"),
     # certify, attack, compare
     ("certify-radii-words", ["certify", "{run}", "--radii", "0.5,big"], r"--radii: expected a number .*got 'big'"),
+    ("certify-negative-radius", ["certify", "{run}", "--radii", "-1"], r"radii must be finite and >= 0"),
     ("certify-unknown-method", ["certify", "{run}", "--method", "guess"], r"argument --method: invalid choice: 'guess'"),
     ("attack-out-exists", ["attack", "{run}", "--attack", "fgsm", "--eps", "0.1", "--out", "{root}/precious.npz"], r"precious.npz already exist\(s\): pass --overwrite"),
+    ("attack-out-is-a-directory", ["attack", "{run}", "--attack", "fgsm", "--eps", "0.1", "--out", "{root}/dir.npz", "--overwrite"], r"dir.npz is a directory"),
     ("attack-out-not-npz", ["attack", "{run}", "--attack", "fgsm", "--eps", "0.1", "--out", "{root}/x.txt"], r"--out must name a .npz file"),
     ("attack-eps-words", ["attack", "{run}", "--attack", "fgsm", "--eps", "lots"], r"argument --eps: value: expected a number"),
     ("compare-missing-run", ["compare", "{run}", "{root}/nowhere", "--eps", "0.1"], r"run directory .*nowhere does not exist"),
@@ -119,6 +132,8 @@ def _prepare(work, argv: list[str]) -> list[str]:
     root = work["root"]
     (root / "broken.yaml").write_text("epochs: [1,\n")
     (root / "list.yaml").write_text("- 1\n- 2\n")
+    (root / "dup.yaml").write_text("epochs: 1\nepochs: 2\n")
+    (root / "dir.npz").mkdir(exist_ok=True)
     (root / "afile").write_text("a file, not a directory")
     (root / "precious.npz").write_bytes(b"user data")
     user = root / "runs" / "userdir"
@@ -229,6 +244,11 @@ API_CASES = [
     ("override-form", lambda m, d: load_config(None, ["optim.lr"]), r"override 'optim.lr' must look like key=value"),
     ("normalize-channels", lambda m, d: rl.create_model("small_cnn", in_channels=1, input_size=28, mean=[0.5] * 3, std=[0.2] * 3), r"Normalize: 3 channel means/stds for a model with 1 input channels"),
     ("flattened-input", lambda m, d: m(torch.rand(2, 3 * 12 * 12)), r"\(B, C, H, W\)"),
+    ("labels-beyond-the-model", lambda m, d: rl.clean_accuracy(m, rl.ImageDataset(d.x, d.y + 4, 8)), r"labels 4..7 but the model has 4 outputs"),
+    ("labels-beyond-the-model-eval", lambda m, d: rl.evaluate(m, rl.ImageDataset(d.x, d.y + 4, 8), eps=[0.1]), r"labels 4..7 but the model has 4 outputs"),
+    ("activation-instance", lambda m, d: rl.nn.swap_activations(m, torch.nn.GELU()), r"not a module instance \(GELU\)"),
+    ("attack-step-size-zero", lambda m, d: rl.attacks.PGD(m, eps=0.1, step_size=0), r"step_size must be a finite number > 0"),
+    ("output-error-blamed-on-output", lambda m, d: rl.evaluate(_DictModel(m), d, eps=[0.1], output="logit"), r"^output='logit' does not select"),
     ("recipe-option-string", lambda m, d: rl.train.create_recipe("pgd", steps="ten"), r"recipe 'pgd' option 'steps': expected an integer, got 'ten'"),
 ]  # fmt: skip
 

@@ -210,7 +210,7 @@ def test_evaluation_resumes_only_for_the_same_evaluation(trained_mnist_model, tm
     assert on_train.clean_accuracy != fresh.clean_accuracy  # the two splits differ here
     assert on_test.clean_accuracy == fresh.clean_accuracy
     assert on_test.results[0].robust_accuracy == fresh.results[0].robust_accuracy
-    assert any("data differs" in w and "started afresh" in w for w in on_test.warnings)
+    assert any("changed: data" in w and "started afresh" in w for w in on_test.warnings)
     # other indices of the same split, other eps, other weights: each starts afresh
     for kw, what in [
         (dict(data=test.subset(torch.arange(1, 101))), "data"),
@@ -222,13 +222,13 @@ def test_evaluation_resumes_only_for_the_same_evaluation(trained_mnist_model, tm
         from robustlab.evaluate import evaluate
 
         report = evaluate(model, data, attacks=["fgsm"], **{"eps": [0.1], **kw}, state_file=state)
-        assert any(f"{what} differ" in w for w in report.warnings), (what, report.warnings)
+        assert any(f"changed: {what}" in w for w in report.warnings), (what, report.warnings)
     other = rl.create_model("lenet", in_channels=1, input_size=28)
     report = _eval(other, test, state, n=100)
-    assert any(re.search(r"\(weights(, \w+)* differ", w) for w in report.warnings)
+    assert any(re.search(r"\(changed: weights", w) for w in report.warnings)
     # the same evaluation resumes without a note
     again = _eval(other, test, state, n=100)
-    assert not again.warnings or all("differ" not in w for w in again.warnings)
+    assert not again.warnings or all("changed" not in w for w in again.warnings)
 
 
 def test_second_evaluation_of_one_state_file_is_refused(tmp_path):
@@ -262,3 +262,87 @@ def test_continuing_drops_metrics_rows_the_checkpoint_has_not_seen(tiny_config):
     Trainer(tiny_config("epochs=2"), extend=True).fit()
     rows = Run(run).metrics()
     assert [r["epoch"] for r in rows] == [1, 2] and "orphan" not in rows[1]
+
+
+def test_a_state_file_that_is_not_an_evaluation_state_is_never_overwritten(
+    trained_mnist_model, tmp_path
+):
+    """`eval --state PATH` used to replace whatever PATH held (notes, meta.json, weights)."""
+    model, test = trained_mnist_model
+    for content in (b"my precious notes", b'{"model": {"name": "lenet"}}', bytes(range(256))):
+        path = tmp_path / "precious"
+        path.write_bytes(content)
+        with pytest.raises(RobustlabError, match="is not an evaluation state; refusing"):
+            _eval(model, test, path, n=10)
+        assert path.read_bytes() == content
+    with pytest.raises(RobustlabError, match="is not a file"):
+        _eval(model, test, tmp_path, n=10)
+
+
+def test_weights_that_predate_an_unfinished_extension_are_not_loaded_silently(tiny_config):
+    import robustlab as rl
+
+    run = Trainer(tiny_config("epochs=1")).fit()
+    extending = Trainer(tiny_config("epochs=3"), extend=True)
+    extending._prepare_run_dir()  # the extension started (and was interrupted)
+    extending._release_lock()
+    with pytest.raises(CheckpointError, match="predates an unfinished training.*--resume"):
+        rl.load(run)
+    assert rl.load(run, allow_incomplete=True) is not None
+    with pytest.raises(CheckpointError, match="at epochs.*use --extend"):
+        Trainer(tiny_config("epochs=3"), resume=True).fit()  # no checkpoint of the extension yet
+    Trainer(tiny_config("epochs=3"), extend=True).fit()  # finishing it makes it loadable
+    assert [r["epoch"] for r in Run(run).metrics()] == [1, 2, 3] and rl.load(run) is not None
+
+
+def test_a_checkpoint_written_before_new_config_keys_still_resumes(tiny_config, monkeypatch):
+    run = Trainer(tiny_config("epochs=1")).fit()
+    tensors, state = io.load_tensors(run / io.CHECKPOINT_FILE)
+    del state["config"]["defenses"], state["config"]["model"]["denoise"]  # an older robustlab
+    io.save_tensors(run / io.CHECKPOINT_FILE, tensors, state)
+    # and the same directory spelled differently (relative out_dir)
+    monkeypatch.chdir(run.parent.parent)
+    Trainer(tiny_config("epochs=2", "out_dir=runs"), extend=True).fit()
+    assert [r["epoch"] for r in Run(run).metrics()] == [1, 2]
+    # a real change to a key the old checkpoint lacked is still refused
+    with pytest.raises(CheckpointError, match="differs from the checkpoint's at defenses"):
+        Trainer(tiny_config("epochs=3", "defenses=[bitdepth]"), extend=True).fit()
+
+
+def test_a_run_being_written_is_named_before_its_first_checkpoint(tiny_config):
+    cfg = tiny_config("name=busy")
+    run = Path(cfg.out_dir) / "busy"
+    with Run(run).lock("training (busy)"):
+        for kw in ({}, {"resume": True}, {"overwrite": True}):
+            with pytest.raises(LockedError, match=rf"training \(busy\) by pid {os.getpid()}"):
+                Trainer(cfg, **kw).fit()
+
+
+def test_eval_refuses_a_data_set_whose_classes_changed_since_training(
+    tiny_config, tmp_path, capsys
+):
+    """Renaming or adding a class folder after training shifted every label silently."""
+    import numpy as np
+    from PIL import Image
+
+    from robustlab.cli import main
+
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c, name in enumerate(("cat", "dog", "eel")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(8):
+                img = np.clip(rng.normal(60 + 70 * c, 20, (12, 12)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / split / name / f"{i}.png")
+    cfg = tiny_config("data.name=imagefolder", f"data.root={root}", "data.options={}",
+                      "data.batch_size=8", "epochs=1")  # fmt: skip
+    run = Trainer(cfg).fit()
+    assert json.loads((run / io.META_FILE).read_text())["data"]["classes"] == ["cat", "dog", "eel"]
+    assert main(["eval", str(run)]) == 0
+    for split in ("train", "test"):
+        (root / split / "cat").rename(root / split / "zebra")
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "classes ['dog', 'eel', 'zebra'] differ from those the run was trained on" in err

@@ -59,6 +59,12 @@ def _load_run_data(run: Path, split: str, n: int):
 
     meta = Run(run).require().meta_section("data", "name")
     data = load_dataset(meta["name"], split, meta.get("root"), **(meta.get("options") or {}))
+    trained = meta.get("classes")
+    if trained is not None and data.classes is not None and list(data.classes) != trained:
+        raise ConfigError(
+            f"the {split} split's classes {list(data.classes)} differ from those the run was "
+            f"trained on {trained}: the data set changed since training"
+        )
     if n < 0:
         raise ConfigError(f"--n must be >= 0 (0: all images), got {n}")
     if n > len(data):
@@ -74,7 +80,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     run = Run(args.run).require()
     eps = _split_floats(args.eps)
-    model = _defended(load(run.path, device=args.device), args.defense)
+    model = _defended(load(run.path, device=_device(args.device)), args.defense)
     data, name = _load_run_data(run.path, args.split, args.n)
     result: dict = {"split": args.split, "n": len(data)}
     with run.lock("evaluation"):
@@ -98,6 +104,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(name: str | None):
+    """The ``--device`` asked for, checked (None: the CPU)."""
+    if name is None:
+        return None
+    from robustlab.train.distributed import resolve_device
+
+    return resolve_device(name)
+
+
 def _defended(model, specs: list[str] | None):
     """``model`` behind the ``--defense`` specs given on the command line (if any)."""
     if not specs:
@@ -118,7 +133,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     runs = [Run(r).require() for r in args.runs]  # every run checked before any work
     columns = []
     for run in runs:
-        model = load(run.path, device=args.device)
+        model = load(run.path, device=_device(args.device))
         data, name = _load_run_data(run.path, args.split, args.n)
         with run.lock("comparison"):
             report = evaluate(
@@ -130,6 +145,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         columns.append(
             {
                 "run": run.path.name,
+                "data": name,
                 "recipe": recipe["name"],
                 "train_seconds": sum(r.get("seconds", 0.0) for r in run.metrics()),
                 "accuracy": [report.clean_accuracy] + [r.robust_accuracy for r in report.results],
@@ -137,7 +153,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         )
     width = max(12, *(len(c["run"]) for c in columns))
     labels = ["clean"] + [f"eps {e:g}" for e in sorted(eps)]
-    where = f"{name} {args.split}, {len(data)} points"
+    names = sorted({c["data"] for c in columns})
+    where = f"{' / '.join(names)} {args.split}, {len(data)} points" + (
+        " (the runs use different data sets)" if len(names) > 1 else ""
+    )
     print(f"{args.norm} worst case over {', '.join(attacks)}; {where}")
     print(f"{'':<12}" + "".join(f"{c['run']:>{width + 2}}" for c in columns))
     print(f"{'recipe':<12}" + "".join(f"{c['recipe']:>{width + 2}}" for c in columns))
@@ -156,7 +175,7 @@ def _cmd_certify(args: argparse.Namespace) -> int:
 
     run = Run(args.run).require()
     radii = _split_floats(args.radii, "--radii")
-    model = load(run.path, device=args.device)
+    model = load(run.path, device=_device(args.device))
     data, name = _load_run_data(run.path, args.split, args.n)
     with run.lock("certification"):
         bound = lipschitz_bound(model, data.shape, method=args.method)
@@ -202,6 +221,8 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ConfigError(f"--out must name a .npz file, got {out}")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; name a .npz file")
     png_path = out.with_suffix(".png")
     existing = [p for p in (out, png_path) if p.exists()]
     if existing and not args.overwrite:
@@ -209,7 +230,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
             f"{', '.join(map(str, existing))} already exist(s): pass --overwrite to replace, "
             "or choose another --out"
         )
-    model = load(run.path, device=args.device)
+    model = load(run.path, device=_device(args.device))
     data, _ = _load_run_data(run.path, args.split, args.n)
     device = next(model.parameters()).device
     x, y = to_float(data.x).to(device), data.y.to(device)

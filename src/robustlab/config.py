@@ -58,6 +58,21 @@ class _Loader(yaml.SafeLoader):
     fractions such as ``8/255`` as floats."""
 
 
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            mark = key_node.start_mark
+            raise ConfigError(
+                f"key {key!r} is given twice (line {mark.line + 1}); the second would silently "
+                "replace the first"
+            )
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
@@ -173,6 +188,15 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, "label_smoothing must lie in [0, 1)"),
             (0 < self.optim.pct_start < 1, "optim.pct_start must lie in (0, 1)"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (0 <= self.optim.momentum < 1, "optim.momentum must lie in [0, 1)"),
+            (
+                len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas),
+                "optim.betas must be two numbers in [0, 1)",
+            ),
+            (
+                self.name not in ("", ".", "..") and "/" not in self.name and "\\" not in self.name,
+                f"name must be a plain directory name (no '/', not '.' or '..'), got {self.name!r}",
+            ),
             (self.eval_every >= 0, "eval_every must be >= 0"),
             (
                 self.optim.grad_clip is None or self.optim.grad_clip > 0,
@@ -287,6 +311,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
         value = load_yaml(raw) if raw.strip() else ""
+    except ConfigError as err:  # e.g. a fraction dividing by zero
+        raise ConfigError(f"override {text!r}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: cannot parse value ({_yaml_problem(err)})") from None
     return key.split("."), value
@@ -325,6 +351,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} does not exist")
         try:
             data = load_yaml(p.read_text()) or {}
+        except ConfigError as err:
+            raise ConfigError(f"{p}: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{p}: invalid YAML ({_yaml_problem(err)})") from None
         if not isinstance(data, dict):

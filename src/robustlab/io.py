@@ -180,7 +180,12 @@ def versions() -> dict[str, str]:
     }
 
 
-def load(run_dir: str | Path, device: str | torch.device | None = None) -> nn.Module:
+def load(
+    run_dir: str | Path,
+    device: str | torch.device | None = None,
+    *,
+    allow_incomplete: bool = False,
+) -> nn.Module:
     """Rebuild a trained model from its run directory, in eval mode.
 
     The architecture comes from ``meta.json`` (zoo name and constructor arguments) and
@@ -189,6 +194,9 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> nn.Mo
     Args:
         run_dir: a directory written by ``robustlab train``.
         device: where to put the model (default: CPU).
+
+    A run whose training was resumed or extended and has not finished is refused: its
+    ``model.safetensors`` holds the earlier weights (``allow_incomplete=True`` takes them).
 
     A run trained behind inference defenses (``defenses:`` in its config) comes back as a
     :class:`~robustlab.defenses.DefendedModel` with the same defenses.
@@ -216,13 +224,21 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> nn.Mo
             f"{run.path / META_FILE} describes a model that cannot be built ({err})"
         ) from None
     weights = run.model_path
+    holder = run.holder()
+    busy = f" (pid {holder.get('pid')} is writing it: {holder.get('purpose')})" if holder else ""
     if not weights.is_file():
         hint = (
-            "; training did not finish: resume it with `robustlab train CONFIG --resume`"
+            f"; training did not finish{busy}: resume it with `robustlab train CONFIG --resume`"
             if run.has_checkpoint()
-            else ""
+            else busy
         )
         raise CheckpointError(f"{weights} does not exist{hint}")
+    if run.meta().get("status") != "complete" and not allow_incomplete:
+        raise CheckpointError(
+            f"{weights} predates an unfinished training of {run.path}{busy} (it was resumed or "
+            "extended and has not finished): finish it with `robustlab train CONFIG --resume`, "
+            "or load(..., allow_incomplete=True) for the earlier weights"
+        )
     state, _ = load_tensors(weights)
     load_state_dict_strict(model, state, str(weights))
     specs = run.meta().get("defenses") or []
@@ -404,6 +420,30 @@ class Run:
             raise CheckpointError(f"{self.path} is a file, not a run directory")
         return FileLock(self.path / LOCK_FILE, purpose)
 
+    def holder(self) -> dict[str, Any] | None:
+        """Who holds the directory's lock now (pid, purpose ...), or None if nobody does."""
+        import fcntl
+
+        path = self.path / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raw = os.read(fd, 65536)
+                try:
+                    info = json.loads(raw.decode())
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    info = {}
+                return info if isinstance(info, dict) and info else {"pid": "?", "purpose": "?"}
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     # -- metadata ----------------------------------------------------------------------
 
     def meta(self) -> dict[str, Any]:
@@ -499,7 +539,7 @@ class Run:
         in meta.json, and temporary files its atomic writes left behind)."""
         if not self.path.is_dir():
             return []
-        names = set(OWNED_FILES)
+        names = set(OWNED_FILES) | {f"{EVAL_STATE_FILE}.lock", f"{COMPARE_STATE_FILE}.lock"}
         with contextlib.suppress(CheckpointError):
             extras = self.meta().get("extras", []) if self.is_run() else []
             names.update(e for e in extras if isinstance(e, str) and Path(e).name == e)

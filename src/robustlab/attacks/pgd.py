@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from robustlab.attacks.base import (
     ATTACKS,
     Attack,
+    AttackError,
     check_loss,
     normalize_step,
     project,
@@ -76,6 +78,8 @@ class PGD(Attack):
         check_loss(loss)
         self.steps, self.restarts, self.loss = steps, restarts, loss
         self.step_size = 2.5 * self.eps / steps if step_size is None else float(step_size)
+        if step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
+            raise AttackError(f"step_size must be a finite number > 0, got {step_size}")
         self.random_start = random_start
 
     def _ascend(

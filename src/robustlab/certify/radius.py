@@ -34,7 +34,7 @@ from robustlab.certify.lipschitz import (
     lipschitz_bound,
 )
 from robustlab.data import ImageDataset
-from robustlab.nn.adapt import OutputSpec, as_classifier, check_logits, preserve_modes
+from robustlab.nn.adapt import OutputSpec, as_classifier, check_labels, check_logits, preserve_modes
 
 KINDS = ("lmt", "last_layer")
 
@@ -281,6 +281,9 @@ def certify(
     """
     if kind not in KINDS:
         raise LipschitzError(f"kind must be 'lmt' or 'last_layer', got {kind!r}")
+    radii = list(radii)
+    if any(not math.isfinite(float(r)) or float(r) < 0 for r in radii):
+        raise LipschitzError(f"radii must be finite and >= 0, got {radii}")
     if n is not None:
         data = data.subset(n)
     model = as_classifier(model, output)
@@ -288,7 +291,8 @@ def certify(
     x_all, y_all = data.float_images(), data.y
     if bound is None:
         with preserve_modes(model, training=False), torch.no_grad():
-            check_logits(model(x_all[:1].to(device)), 1)  # before bounding: a clear error
+            logits = check_logits(model(x_all[:1].to(device)), 1)  # before bounding
+            check_labels(y_all, logits)
         bound = _bound_for(model, kind, tuple(x_all.shape[1:]), method)
     lip, method, guaranteed = _provenance(bound)
     radius, correct = [], []

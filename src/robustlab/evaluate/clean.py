@@ -10,7 +10,13 @@ from torch import nn
 from robustlab.data.base import ImageDataset
 from robustlab.data.loader import BatchLoader
 from robustlab.errors import ConfigError
-from robustlab.nn.adapt import OutputSpec, as_classifier, check_logits, preserve_modes
+from robustlab.nn.adapt import (
+    OutputSpec,
+    as_classifier,
+    check_labels,
+    check_logits,
+    preserve_modes,
+)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -66,7 +72,10 @@ def clean_accuracy(
 
     dev = device or model_device(model)
     with preserve_modes(model, training=False):
-        check_logits(_forward(model, data.float_images(slice(0, 2)).to(dev)), min(2, len(data)))
+        logits = check_logits(
+            _forward(model, data.float_images(slice(0, 2)).to(dev)), min(2, len(data))
+        )
+        check_labels(data.y, logits)
     loader = BatchLoader(data, batch_size, device=dev)
     correct, total = count_correct(model, loader)
     return correct / total

@@ -33,9 +33,15 @@ from robustlab.attacks.base import attack_options
 from robustlab.attacks.fast import fast_model
 from robustlab.data.base import ImageDataset, to_float
 from robustlab.data.loader import batch_seed
-from robustlab.errors import ConfigError, did_you_mean
+from robustlab.errors import ConfigError, RobustlabError, did_you_mean
 from robustlab.evaluate.clean import model_device
-from robustlab.nn.adapt import OutputSpec, as_classifier, check_logits, preserve_modes
+from robustlab.nn.adapt import (
+    OutputSpec,
+    as_classifier,
+    check_labels,
+    check_logits,
+    preserve_modes,
+)
 from robustlab.registry import check_options, check_types, init_hints
 
 log = logging.getLogger(__name__)
@@ -96,6 +102,11 @@ class AttackSpec:
         kwargs = check_types(
             init_hints(cls, Attack), {**common, **self.options}, f"attack {self.name!r}"
         )
+        if kwargs.get("targeted") is True:
+            raise ConfigError(
+                f"attack {self.name!r}: targeted=true needs target classes for each point; "
+                "use targeted=random or targeted=least_likely"
+            )
         if "early_stop" in accepted:  # evaluation only needs to know whether a point breaks
             kwargs.setdefault("early_stop", True)
         return cls(model, eps=eps, norm=norm, seed=seed, **kwargs)
@@ -324,7 +335,8 @@ def evaluate(
     source = as_classifier(transfer_from, output) if transfer_from is not None else model
     example = to_float(data.x[:batch_size]).to(dev)
     with preserve_modes(model, training=False), preserve_modes(source, training=False):
-        check_logits(_forward(model, to_float(data.x[:2]).to(dev)), min(2, len(data)))
+        logits = check_logits(_forward(model, to_float(data.x[:2]).to(dev)), min(2, len(data)))
+        check_labels(data.y, logits)
         if transfer_from is not None:
             check_logits(_forward(source, to_float(data.x[:2]).to(dev)), min(2, len(data)))
         return _evaluate(
@@ -340,6 +352,8 @@ def _forward(model: nn.Module, x: torch.Tensor) -> Any:
     with torch.no_grad():
         try:
             return model(x)
+        except RobustlabError:  # already says what is wrong (a bad output= selection ...)
+            raise
         except (RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(
@@ -428,23 +442,29 @@ def _resume(
 ) -> tuple[dict[str, Any], str | None]:
     """(the saved state at ``path`` if written for the same settings, else ``fresh``; a note
     saying why a saved state was not used)."""
-    if path is None or not path.is_file():
+    if path is None or not path.exists():
         return fresh, None
+    if not path.is_file():
+        raise ConfigError(f"the evaluation state {path} is not a file")
     try:
         saved = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         saved = None
-    if isinstance(saved, dict) and saved.get("signature") == fresh["signature"]:
+    if not (isinstance(saved, dict) and {"signature", "robust", "stages"} <= set(saved)):
+        # never overwrite a file that is not an evaluation state (a user's file, meta.json)
+        raise ConfigError(
+            f"{path} exists and is not an evaluation state; refusing to overwrite it "
+            "(choose another state file)"
+        )
+    if saved.get("signature") == fresh["signature"]:
         log.info("resuming evaluation from %s", path)
         return saved, None
-    old = saved.get("settings", {}) if isinstance(saved, dict) else {}
+    old = saved.get("settings", {})
     old = old if isinstance(old, dict) else {}
     differ = [k for k in settings if old.get(k) != settings[k]] or ["its format"]
     note = (
-        f"{path} was written for another evaluation ({', '.join(differ)} "
-        f"differ{'s' if len(differ) == 1 else ''}); started afresh"
+        f"{path} was written for another evaluation (changed: {', '.join(differ)}); started afresh"
     )
-    log.warning(note)
     return fresh, note
 
 

@@ -162,6 +162,11 @@ def make_activation(act: ActSpec) -> nn.Module:
         >>> make_activation("parametric_softplus:alpha=5")
         ParametricSoftplus(alpha=5.0)
     """
+    if isinstance(act, nn.Module):
+        raise ConfigError(
+            f"pass an activation name or a factory (lambda: {type(act).__name__}()), not a "
+            f"module instance ({type(act).__name__}): each layer needs its own module"
+        )
     if callable(act):
         return act()
     name, options = parse_activation(act)

@@ -119,3 +119,13 @@ def as_classifier(model: nn.Module, output: OutputSpec = None) -> nn.Module:
             f"output must be an index, a key or a function, got {type(output).__name__}"
         )
     return Classifier(model, output)
+
+
+def check_labels(y: torch.Tensor, logits: torch.Tensor, what: str = "the data") -> None:
+    """Labels must index the model's outputs: a data set with more classes than the model
+    (a class folder added after training) would otherwise give meaningless accuracies."""
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+        raise OutputError(
+            f"{what} has labels {int(y.min())}..{int(y.max())} but the model has "
+            f"{logits.shape[1]} outputs: model and data set do not match"
+        )

@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 
 #: Testing hook: SIGKILL this process right after this global step (and its checkpoint).
 KILL_ENV = "ROBUSTLAB_KILL_AT_STEP"
-# Config keys that may differ when resuming; ``epochs`` too when extending a run.
-_RESUMABLE_CHANGES = {"eval_every"}
+# Config keys that may differ when resuming; ``epochs`` too when extending a run. out_dir
+# and name locate the run (the same directory may be spelled differently).
+_RESUMABLE_CHANGES = {"eval_every", "out_dir", "name"}
 
 
 # ----------------------------------------------------------------------------- state codec
@@ -114,6 +115,17 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
         elif va != vb:
             keys.append(f"{prefix}{k}")
     return keys
+
+
+def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with every key it lacks taken from ``defaults`` (recursively)."""
+    out = dict(saved)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict) and k != "options":
+            out[k] = _with_defaults(out[k], v)
+    return out
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -300,12 +312,16 @@ class Trainer:
         if not isinstance(state, dict) or "model" not in state or "config" not in state:
             raise CheckpointError(f"{path} is not a robustlab training checkpoint")
         allowed = _RESUMABLE_CHANGES | ({"epochs"} if self.extend else set())
-        changed = [k for k in _config_diff(state["config"], to_dict(self.cfg)) if k not in allowed]
+        # keys added to robustlab after the checkpoint was written count as their defaults
+        saved = _with_defaults(state["config"], to_dict(TrainConfig()))
+        changed = [k for k in _config_diff(saved, to_dict(self.cfg)) if k not in allowed]
         if changed:
             raise CheckpointError(
                 f"cannot {'extend' if self.extend else 'resume'} {self.run_dir}: the config "
                 f"differs from the checkpoint's at {', '.join(changed)} (only "
-                f"{', '.join(sorted(allowed))} may change)"
+                f"{', '.join(sorted(allowed))} may change"
+                + ("; to train to more epochs, use --extend" if changed == ["epochs"] else "")
+                + ")"
             )
         trained = int(state["config"].get("epochs", 0))
         if self.extend and self.cfg.epochs <= trained:
@@ -326,14 +342,27 @@ class Trainer:
     def _check_run_dir(self) -> None:
         """Refuse what would lose or mix data; runs on every rank before anything is written."""
         run, name = self.run, self.run_dir
+        if run.path.exists() and not run.path.is_dir():
+            raise ConfigError(f"{name} is a file; the run directory must be a directory")
+        holder = run.holder() if self._lock is None else None
+        if holder:
+            raise io.LockedError(
+                f"{name} is in use: {holder.get('purpose')} by pid {holder.get('pid')} on "
+                f"{holder.get('host', '?')}; wait for it to finish or stop it"
+            )
         if self.resume or self.extend:
             action = "extend" if self.extend else "resume"
             if not run.exists():
                 raise CheckpointError(f"cannot {action} {name}: the directory does not exist")
             if not run.has_checkpoint():
+                advice = (
+                    "train it anew with another name, or replace it with --overwrite"
+                    if run.is_run()
+                    else "it is not a robustlab run directory; choose another run name"
+                )
                 raise CheckpointError(
                     f"cannot {action} {name}: it holds no {io.CHECKPOINT_FILE} (nothing was "
-                    "changed); train it anew with another name, or replace it with --overwrite"
+                    f"changed); {advice}"
                 )
             if self.resume and run.status() == "complete":
                 trained = len(run.metrics())
@@ -347,6 +376,11 @@ class Trainer:
                     f"refusing to overwrite {name}: it is not a robustlab run directory (no "
                     f"{io.META_FILE}) and it is not empty; choose another name or out_dir"
                 )
+        elif not run.is_empty() and not run.is_run():
+            raise RobustlabError(
+                f"{name} exists and is not a robustlab run directory: choose another run name "
+                "(--set name=...) or out_dir"
+            )
         elif not run.is_empty():
             raise RobustlabError(
                 f"run directory {name} already exists: resume it (--resume), replace it "
@@ -377,6 +411,7 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         self._check_run_dir()
+        self.dist.barrier()  # every rank has looked before rank 0 takes the lock
         if self.dist.is_main:
             self.run_dir.parent.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
@@ -387,6 +422,12 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if continuing:
                 self.run.truncate_metrics(self.epoch)
+                stale = [f for f in (io.EVAL_FILE, io.CERTIFY_FILE) if self.run.file(f).exists()]
+                if self.extend and stale:
+                    log.warning(
+                        "%s in %s describe the weights before this extension: run eval / "
+                        "certify again when it ends", " and ".join(stale), self.run_dir,
+                    )  # fmt: skip
             elif self.overwrite:
                 kept = self.run.clear()
                 if kept:
@@ -414,6 +455,7 @@ class Trainer:
                 "name": self.cfg.data.name,
                 "root": self.cfg.data.root,
                 "options": self.cfg.data.options,
+                "classes": list(self.train_data.classes) if self.train_data.classes else None,
             },
             "recipe": {"name": self.cfg.recipe.name, "options": self.cfg.recipe.options},
             "defenses": self._defense_specs(),

@@ -104,6 +104,8 @@ class FastTraining(AdversarialRecipe):
         if guard and (guard_size < 1 or guard_steps < 1 or not 0 < guard_drop <= 1):
             raise ConfigError("fast recipe: need guard_size >= 1, guard_steps >= 1, 0 < drop <= 1")
         self.step_size = 1.25 * self.eps if step_size is None else float(step_size)
+        if step_size is not None and not float(step_size) > 0:
+            raise ConfigError(f"fast recipe: step_size must be > 0, got {step_size}")
         self.holdout_size = guard_size if guard else 0
         self.guard = (
             OverfittingGuard(norm=self.norm, steps=guard_steps, drop=guard_drop) if guard else None

@@ -37,6 +37,8 @@ class NFGSMTraining(AdversarialRecipe):
             raise ConfigError("nfgsm recipe: L-inf only, with noise >= 0")
         self.noise = float(noise)
         self.step_size = self.eps if step_size is None else float(step_size)
+        if step_size is not None and not float(step_size) > 0:
+            raise ConfigError(f"nfgsm recipe: step_size must be > 0, got {step_size}")
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         eps = self.current_eps()

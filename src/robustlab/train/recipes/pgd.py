@@ -36,6 +36,8 @@ class PGDTraining(AdversarialRecipe):
             raise ConfigError(f"pgd recipe: steps must be >= 1, got {steps}")
         self.steps = steps
         self.step_size = 2.5 * self.eps / steps if step_size is None else float(step_size)
+        if step_size is not None and not float(step_size) > 0:
+            raise ConfigError(f"pgd recipe: step_size must be > 0, got {step_size}")
 
     def make_adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.pgd_example(model, x, y, steps=self.steps, step_size=self.step_size)

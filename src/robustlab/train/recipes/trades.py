@@ -52,6 +52,8 @@ class TRADESTraining(AdversarialRecipe):
             raise ConfigError(f"trades recipe: need beta >= 0 and steps >= 1, got {beta}, {steps}")
         self.beta, self.steps = float(beta), steps
         self.step_size = 2.5 * self.eps / steps if step_size is None else float(step_size)
+        if step_size is not None and not float(step_size) > 0:
+            raise ConfigError(f"trades recipe: step_size must be > 0, got {step_size}")
 
     def make_adversarial(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         eps, step = self.current_eps(), self.step_size * self.ramp()
