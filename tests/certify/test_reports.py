@@ -164,3 +164,24 @@ def test_modes_are_restored_in_every_submodule(data):
     lipschitz_bound(model, SHAPE)
     certify(model, data, radii=[0.1])
     assert {name: m.training for name, m in model.named_modules()} == before
+
+
+def test_unselected_outputs_need_no_rule():
+    """A model returning (logits, x.mean()): the unused mean (no Lipschitz rule) is ignored
+    when output=0 selects the logits; the bound equals the plain model's."""
+    from torch import nn
+
+    from robustlab.certify import lipschitz_bound
+
+    class WithStats(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x), x.mean()
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    plain = lipschitz_bound(net, (1, 1, 4, 4)).total
+    assert lipschitz_bound(WithStats(net), (1, 1, 4, 4), output=0).total == pytest.approx(plain)

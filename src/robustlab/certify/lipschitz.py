@@ -495,6 +495,10 @@ def _trace(model: nn.Module, shape: tuple[int, ...], output: OutputSpec = None) 
         gm = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as exc:
         raise LipschitzError(f"torch.fx could not trace the model: {exc}") from exc
+    # outputs not selected by ``output`` (features, auxiliary heads) play no part in the
+    # logits' Lipschitz constant: drop them rather than ask for rules they do not need
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     out = propagate_shapes(gm.eval(), torch.zeros(shape, device=device))
     if not isinstance(out, torch.Tensor):
