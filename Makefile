@@ -22,7 +22,7 @@ demo: setup
 	$(BIN)/robustlab train configs/demo-mnist.yaml --overwrite
 	$(BIN)/robustlab train configs/demo-pgd-mnist.yaml --overwrite
 	$(BIN)/robustlab compare runs/demo-mnist runs/demo-pgd-mnist --attacks quick --eps 0.1,0.2,0.3 --n 500
-	$(BIN)/robustlab attack runs/demo-mnist --attack pgd:steps=40 --eps 0.2 --n 8 --out runs/demo-mnist/adv.npz
+	$(BIN)/robustlab attack runs/demo-mnist --attack pgd:steps=40 --eps 0.2 --n 8 --out runs/demo-mnist/adv.npz --overwrite
 	$(BIN)/robustlab train configs/demo-lmt-mnist.yaml --overwrite
 	$(BIN)/robustlab certify runs/demo-lmt-mnist --radii 0.5,1.0,1.5
 
