@@ -98,7 +98,11 @@ def _yaml_problem(err: Exception) -> str:
 
 def load_yaml(text: str) -> Any:
     """Parse YAML text safely, reading ``1e-4`` and ``8/255`` as numbers."""
-    return yaml.load(text, Loader=_Loader)
+    loader = _Loader(text)  # a SafeLoader subclass: builds plain data only
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 @dataclass
