@@ -346,3 +346,14 @@ def test_eval_refuses_a_data_set_whose_classes_changed_since_training(
     assert main(["eval", str(run)]) == 2
     err = capsys.readouterr().err
     assert "classes ['dog', 'eel', 'zebra'] differ from those the run was trained on" in err
+
+
+def test_the_trainer_holds_the_lock_while_it_writes(tiny_config):
+    trainer = Trainer(tiny_config("epochs=1"))
+    trainer._prepare_run_dir()  # what fit() does first
+    try:
+        with pytest.raises(LockedError, match=rf"training \(tiny\) by pid {os.getpid()}"):
+            Run(trainer.run_dir).lock("evaluation").acquire()
+    finally:
+        trainer._release_lock()
+    Run(trainer.run_dir).lock("evaluation").acquire().release()  # free once it is done
