@@ -258,6 +258,17 @@ class LockedError(RobustlabError):
     """Another live process holds the lock of a run directory or output file."""
 
 
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    """The holder description in an open lock file (None if empty or unreadable)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    raw = os.read(fd, 65536)
+    try:
+        info = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return info if isinstance(info, dict) and info else None
+
+
 class FileLock:
     """An exclusive, non-blocking lock held through ``path`` (a small JSON file).
 
@@ -277,15 +288,6 @@ class FileLock:
         self._fd: int | None = None
         self.stale: dict[str, Any] | None = None  #: the dead holder taken over, if any
 
-    def _read(self, fd: int) -> dict[str, Any] | None:
-        os.lseek(fd, 0, os.SEEK_SET)
-        raw = os.read(fd, 65536)
-        try:
-            info = json.loads(raw.decode())
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return None
-        return info if isinstance(info, dict) else None
-
     def acquire(self) -> FileLock:
         import fcntl
         import socket
@@ -297,7 +299,7 @@ class FileLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = self._read(fd) or {}
+                holder = _read_holder(fd) or {}
                 os.close(fd)
                 what = holder.get("purpose", "another process")
                 since = f" since {holder['since']}" if "since" in holder else ""
@@ -313,7 +315,7 @@ class FileLock:
             if not same:
                 os.close(fd)
                 continue
-            previous = self._read(fd)
+            previous = _read_holder(fd)
             if previous:
                 self.stale = previous
                 log.warning(
@@ -433,12 +435,7 @@ class Run:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                raw = os.read(fd, 65536)
-                try:
-                    info = json.loads(raw.decode())
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    info = {}
-                return info if isinstance(info, dict) and info else {"pid": "?", "purpose": "?"}
+                return _read_holder(fd) or {"pid": "?", "purpose": "?"}
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
         finally:

@@ -9,7 +9,7 @@ from torch import nn
 
 from robustlab.data.base import ImageDataset
 from robustlab.data.loader import BatchLoader
-from robustlab.errors import ConfigError
+from robustlab.errors import ConfigError, RobustlabError
 from robustlab.nn.adapt import (
     OutputSpec,
     as_classifier,
@@ -44,6 +44,24 @@ def count_correct(
     return correct, total
 
 
+def check_model_fits(model: nn.Module, data: ImageDataset, device: torch.device | str) -> None:
+    """One forward pass on two images: the model must take the data's images, return
+    (batch, classes) logits, and have an output for every label; else one clear error."""
+    x = data.float_images(slice(0, 2)).to(device)
+    with preserve_modes(model, training=False), torch.no_grad():
+        try:
+            out = model(x)
+        except RobustlabError:  # already says what is wrong (a bad output= selection ...)
+            raise
+        except (RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"the model cannot take the data's images of shape {tuple(x.shape[1:])} "
+                f"({first}); check that model and data set match"
+            ) from None
+    check_labels(data.y, check_logits(out, len(x)))
+
+
 def clean_accuracy(
     model: nn.Module,
     data: ImageDataset,
@@ -68,14 +86,8 @@ def clean_accuracy(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     model = as_classifier(model, output)
-    from robustlab.evaluate.robustness import _forward
-
     dev = device or model_device(model)
-    with preserve_modes(model, training=False):
-        logits = check_logits(
-            _forward(model, data.float_images(slice(0, 2)).to(dev)), min(2, len(data))
-        )
-        check_labels(data.y, logits)
+    check_model_fits(model, data, dev)
     loader = BatchLoader(data, batch_size, device=dev)
     correct, total = count_correct(model, loader)
     return correct / total

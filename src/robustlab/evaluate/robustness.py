@@ -33,13 +33,11 @@ from robustlab.attacks.base import attack_options
 from robustlab.attacks.fast import fast_model
 from robustlab.data.base import ImageDataset, to_float
 from robustlab.data.loader import batch_seed
-from robustlab.errors import ConfigError, RobustlabError, did_you_mean
-from robustlab.evaluate.clean import model_device
+from robustlab.errors import ConfigError, did_you_mean
+from robustlab.evaluate.clean import check_model_fits, model_device
 from robustlab.nn.adapt import (
     OutputSpec,
     as_classifier,
-    check_labels,
-    check_logits,
     preserve_modes,
 )
 from robustlab.registry import check_options, check_types, init_hints
@@ -334,32 +332,16 @@ def evaluate(
     dev = torch.device(device) if device is not None else model_device(model)
     source = as_classifier(transfer_from, output) if transfer_from is not None else model
     example = to_float(data.x[:batch_size]).to(dev)
+    check_model_fits(model, data, dev)
+    if transfer_from is not None:
+        check_model_fits(source, data, dev)
     with preserve_modes(model, training=False), preserve_modes(source, training=False):
-        logits = check_logits(_forward(model, to_float(data.x[:2]).to(dev)), min(2, len(data)))
-        check_labels(data.y, logits)
-        if transfer_from is not None:
-            check_logits(_forward(source, to_float(data.x[:2]).to(dev)), min(2, len(data)))
         return _evaluate(
             model, data, specs, eps_list, norm, batch_size, seed, state_file, dev, progress,
             attack_options or {}, fast, fast_model(source, example) if fast else source,
             scorer=model if transfer_from is not None else None,
             rescore_draws=rescore_draws, eot_draws=eot_samples,
         )  # fmt: skip
-
-
-def _forward(model: nn.Module, x: torch.Tensor) -> Any:
-    """One forward pass, with a clear error when the model cannot take these images."""
-    with torch.no_grad():
-        try:
-            return model(x)
-        except RobustlabError:  # already says what is wrong (a bad output= selection ...)
-            raise
-        except (RuntimeError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(
-                f"the model cannot take the data's images of shape {tuple(x.shape[1:])} "
-                f"({first}); check that model and data set match"
-            ) from None
 
 
 def check_count(n: Any, available: int, what: str = "n") -> int:
@@ -405,12 +387,13 @@ def _evaluate(
     draws = rescore_draws
     if draws is None:  # every example of a randomized model is scored over several draws
         draws = eot_draws if randomized else 1
-    clean_ok = _predict(model, x_all, batch_size, dev) == y_all
     clean_majority = None
-    if draws > 1:
+    if draws > 1:  # correct on every draw (worst case) and on most (majority vote)
         clean_ok, clean_majority = (
             ~m for m in _score_batches(model, x_all, y_all, batch_size, dev, draws)
         )
+    else:
+        clean_ok = _predict(model, x_all, batch_size, dev) == y_all
     settings = _settings(model, data, specs, eps_list, norm, seed, batch_size, common, fast)
     settings["draws"] = draws
     if scorer is not None:
