@@ -13,6 +13,13 @@ number of EOT samples k (which justifies the default k) and against PGD iteratio
         --eps 0.1,0.2:0.2,0.3 --n 200 --out benchmarks/results/defenses
 
 Each (run, defense) result is cached as JSON in --out, so an interrupted run resumes.
+
+With ``--detector``: Xu et al.'s MNIST feature-squeezing detector (bit depth 1, median
+2x2) behind each run, threshold fitted at 5% false positives on the last 500 test points,
+evaluated on the first ``--n`` against the naive and the adaptive attack (PGD-``--steps``):
+
+    python benchmarks/defenses.py --runs runs/demo-mnist runs/demo-pgd-mnist \
+        --eps 0.1,0.2,0.3:0.1,0.2,0.3 --n 500 --steps 100 --detector
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from pathlib import Path
 import torch
 
 import robustlab as rl
-from robustlab.defenses import defend
+from robustlab.defenses import SqueezeDetector, defend
+from robustlab.evaluate import evaluate_detector
 from robustlab.io import atomic_write_text
 
 #: mnist5k models take 28x28 images: resize-and-pad shrinks to a random size in [24, 28]
@@ -79,6 +87,42 @@ def eot_curve(run: Path, eps: float, args) -> dict:
     return out
 
 
+def detector(run: Path, eps: list[float], args) -> dict:
+    """Xu et al.'s MNIST detector: ROC and pipeline accuracy, naive and adaptive."""
+    model = rl.load(run)
+    test = rl.load_dataset("mnist5k", "test")
+    det = SqueezeDetector(model, ["bitdepth:bits=1", "median:size=2"])
+    det.fit(test.float_images(slice(len(test) - 500, len(test))), fpr=0.05)
+    report = evaluate_detector(model, det, test, eps=eps, n=args.n, steps=args.steps)
+    print(report.table(), flush=True)
+    return {"run": run.name, **report.to_dict()}
+
+
+def detector_table(rows: list[dict]) -> str:
+    lines = [
+        "| run | eps | clean (pipeline) | flagged clean | undefended | naive | adaptive | "
+        "worst case | detected naive | detected adaptive | AUC naive | AUC adaptive |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    def auc(roc):
+        return "-" if roc is None else f"{roc['auc']:.3f}"
+
+    for row in rows:
+        for r in row["results"]:
+            lines.append(
+                f"| {row['run']} | {r['eps']:g} | {pct(row['clean_accuracy'])} "
+                f"({pct(row['pipeline_clean_accuracy'])}) | {pct(row['false_positive_rate'])} | "
+                f"{pct(r['undefended'])} | {pct(r['naive'])} | {pct(r['adaptive'])} | "
+                f"**{pct(r['worst'])}** | {pct(r['detected_naive'])} | "
+                f"{pct(r['detected_adaptive'])} | {auc(r['roc_naive'])} | {auc(r['roc_adaptive'])} |"
+            )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     modes = ["none", "naive", "bpda", "eot", "bpda+eot", "transfer"]
     lines = [
@@ -109,10 +153,23 @@ def main() -> None:
     p.add_argument("--eot", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/defenses"))
     p.add_argument("--skip-curve", action="store_true")
+    p.add_argument("--detector", action="store_true", help="only the detector's evaluation")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     eps_per_run = [[float(e) for e in part.split(",")] for part in args.eps.split(":")]
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.detector:
+        rows = []
+        for run, eps in zip(args.runs, eps_per_run):
+            cache = args.out / f"detector--{run.name}--n{args.n}-steps{args.steps}.json"
+            if not cache.is_file():
+                print(f"{run.name} with the squeezing detector", flush=True)
+                atomic_write_text(cache, json.dumps(detector(run, eps, args), indent=1))
+            rows.append(json.loads(cache.read_text()))
+        text = detector_table(rows)
+        atomic_write_text(args.out / "detector_table.md", text + "\n")
+        print(text)
+        return
     rows = []
     for run, eps in zip(args.runs, eps_per_run):
         for spec in DEFENSES:

@@ -44,6 +44,8 @@ EXPERIMENTS: dict[str, tuple[str, list[str]]] = {
     "nfgsm-k0.5": ("nfgsm-mnist.yaml", ["recipe.options.noise=0.5"]),
     "pgd": ("pgd-mnist.yaml", []),
     "pgd-aug": ("pgd-mnist-aug.yaml", []),
+    # feature denoising (Xie et al. 2019): a non-local block after each conv stage
+    "pgd-denoise": ("pgd-mnist.yaml", ["model.denoise={after: [net.2, net.5]}"]),
     "trades": ("trades-mnist.yaml", []),
     "advprop": ("advprop-mnist.yaml", []),
     "advprop-eps0.1": ("advprop-mnist.yaml", ["recipe.options.eps=0.1"]),

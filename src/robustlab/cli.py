@@ -4,6 +4,7 @@ robustlab train CONFIG.yaml [--set key=value ...] [--resume | --overwrite | --ex
 robustlab eval RUN [--attacks A,B --eps E1,E2] [--split test] [--n N]
 robustlab compare RUN RUN ... --eps E1,E2
 robustlab certify RUN [--radii R1,R2]
+robustlab detect RUN --squeezer bitdepth:bits=1 --squeezer median:size=2 --eps E1,E2
 robustlab attack RUN --attack pgd --eps E --out adv.npz
 robustlab list models|datasets|recipes|activations|attacks|defenses
 
@@ -102,6 +103,50 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         path = run.write_output(EVAL_FILE, result)
     print(f"written         {path}")
     return 0
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from robustlab.defenses.detector import SqueezeDetector
+    from robustlab.evaluate.detection import evaluate_detector
+    from robustlab.io import DETECT_FILE, Run, load
+
+    run = Run(args.run).require()
+    eps = _split_floats(args.eps)
+    if not eps:
+        raise ConfigError("--eps needs at least one budget, e.g. --eps 0.1,0.3")
+    if args.fpr is None or not 0 < args.fpr < 1:
+        raise ConfigError(f"--fpr must be in (0, 1), got {args.fpr}")
+    model = load(run.path, device=_device(args.device))
+    data, name = _load_run_data(run.path, args.split, 0)
+    n = args.n or max(0, len(data) - args.fit_n)
+    if args.fit_n < 1 or n < 1 or n + args.fit_n > len(data):
+        raise ConfigError(
+            f"the detector is fitted on clean points held out from those evaluated: --n {n} "
+            f"plus --fit-n {args.fit_n} must fit in {name} {args.split} ({len(data)} images)"
+        )
+    held_out = data.float_images(slice(len(data) - args.fit_n, len(data)))
+    detector = SqueezeDetector(model, args.squeezer, batch_size=args.batch_size)
+    with run.lock("detector evaluation"):
+        print(f"run             {run.path}")
+        print(f"data            {name} {args.split}: {n} evaluated, the last {args.fit_n} fit "
+              f"the threshold at {args.fpr:g} false positives")  # fmt: skip
+        detector.fit(held_out.to(_model_device(model)), fpr=args.fpr)
+        report = evaluate_detector(
+            model, detector, data, eps=eps, norm=args.norm, n=n, steps=args.steps,
+            restarts=args.restarts, batch_size=args.batch_size, seed=args.seed,
+        )  # fmt: skip
+        print(report.table())
+        path = run.write_output(
+            DETECT_FILE, {"split": args.split, "fit_n": args.fit_n, **report.to_dict()}
+        )
+    print(f"written         {path}")
+    return 0
+
+
+def _model_device(model):
+    from robustlab.evaluate.clean import model_device
+
+    return model_device(model)
 
 
 def _device(name: str | None):
@@ -367,6 +412,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cpu)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "detect",
+        help="a feature-squeezing detector's ROC and the defended pipeline's accuracy under "
+        "naive and adaptive attacks",
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument(
+        "--squeezer",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="a squeezer (repeatable); Xu et al. use bitdepth:bits=1 and median:size=2 on "
+        "MNIST, bitdepth:bits=5 and median:size=2 on CIFAR-10",
+    )
+    p.add_argument("--eps", required=True, help="comma-separated budgets, e.g. 0.1,0.3")
+    p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate (default 0.05)")
+    p.add_argument(
+        "--fit-n", type=int, default=500,
+        help="clean points, from the split's end, that fit the threshold (default 500)",
+    )  # fmt: skip
+    p.add_argument(
+        "--n", type=int, default=0,
+        help="points evaluated, from the split's start (default: all but --fit-n)",
+    )  # fmt: skip
+    p.add_argument("--steps", type=_positive_int, default=100, help="PGD steps of both attacks")
+    p.add_argument("--restarts", type=_positive_int, default=1)
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--batch-size", type=_positive_int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cpu)")
+    p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser("compare", help="clean and robust accuracy of several runs side by side")
     p.add_argument("runs", nargs="+", help="run directories")

@@ -49,12 +49,13 @@ EVAL_FILE, EVAL_STATE_FILE, COMPARE_STATE_FILE = (
     "compare_state.json",
 )
 CERTIFY_FILE, CERTIFIED_PLOT = "certify.json", "certified.png"
+DETECT_FILE = "detect.json"
 LOCK_FILE = ".lock"
 FORMAT_VERSION = 1
 #: every file a run directory may hold that robustlab wrote (recipe extras are listed in meta)
 OWNED_FILES = (
     CONFIG_FILE, META_FILE, MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, EVAL_FILE,
-    EVAL_STATE_FILE, COMPARE_STATE_FILE, CERTIFY_FILE, CERTIFIED_PLOT,
+    EVAL_STATE_FILE, COMPARE_STATE_FILE, CERTIFY_FILE, CERTIFIED_PLOT, DETECT_FILE,
 )  # fmt: skip
 
 

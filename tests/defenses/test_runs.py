@@ -51,3 +51,32 @@ def test_eval_with_a_defense_gives_the_adaptive_table(tiny_config, capsys):
         assert worst <= robust["modes"][mode]["results"][0]["robust_accuracy"]
     assert main(["list", "defenses"]) == 0
     assert "jpeg" in capsys.readouterr().out
+
+
+def test_detect_fits_on_held_out_points_and_writes_the_report(tiny_config, capsys):
+    import pytest
+
+    run = Trainer(tiny_config("epochs=1")).fit()
+    data_meta = json.loads((run / "meta.json").read_text())["data"]
+    test = rl.load_dataset(data_meta["name"], "test", **data_meta["options"])
+    n_test = len(test)
+    argv = ["detect", str(run), "--squeezer", "bitdepth:bits=1", "--squeezer", "median:size=2",
+            "--eps", "0.1,0.2", "--n", "24", "--fit-n", "40", "--steps", "3"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "adaptive" in out and "written" in out
+    saved = json.loads((run / "detect.json").read_text())
+    assert saved["n"] == 24 and saved["fit_n"] == 40 and [r["eps"] for r in saved["results"]] == [
+        0.1, 0.2,
+    ]  # fmt: skip
+    # the threshold is the one fitted on the last 40 test points, not on the evaluated ones
+    from robustlab.defenses import SqueezeDetector
+
+    det = SqueezeDetector(rl.load(run), ["bitdepth:bits=1", "median:size=2"])
+    det.fit(test.float_images(slice(n_test - 40, n_test)), fpr=0.05)
+    assert saved["threshold"] == pytest.approx(det.threshold)
+    capsys.readouterr()
+    assert main([*argv[:-6], "--n", str(n_test), "--fit-n", "40"]) == 2
+    assert "held out from those evaluated" in capsys.readouterr().err
+    assert main([*argv, "--fpr", "1.5"]) == 2
+    assert "--fpr must be in (0, 1)" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from torch import nn
 from robustlab.attacks.base import (
     ATTACKS,
     Attack,
+    LossFn,
     _view,
     check_loss,
     lp_norm,
@@ -65,7 +66,7 @@ class APGD(Attack):
         eps: float,
         steps: int = 100,
         norm: str = "linf",
-        loss: str = "ce",
+        loss: str | LossFn = "ce",
         restarts: int = 1,
         rho: float = 0.75,
         early_stop: bool = True,

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, NamedTuple, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,9 @@ ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "margin", "dlr")
+#: a loss given as a function: ``(logits (B, K), y (B,), target (B,) or None) -> (B,)``,
+#: the per-sample value the attack maximises
+LossFn: TypeAlias = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 TARGET_MODES = (False, True, "random", "least_likely")
 
 
@@ -67,10 +70,12 @@ def _other_max(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
 
 
 def attack_loss(
-    logits: torch.Tensor, y: torch.Tensor, kind: str, target: torch.Tensor | None = None
+    logits: torch.Tensor, y: torch.Tensor, kind: str | LossFn, target: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Per-sample loss an attack maximises.
 
+    - a function ``kind(logits, y, target)``: its value, checked to hold one number per
+      sample (an adaptive attack's own objective, e.g. evading a detector).
     - ``ce``: cross-entropy of the true class; targeted: minus that of the target.
     - ``margin``: Carlini & Wagner's logit margin ``max_{i != y} z_i - z_y``; targeted:
       ``z_t - max_{i != t} z_i``. Positive exactly when the attack succeeds.
@@ -78,6 +83,15 @@ def attack_loss(
       ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)``; targeted:
       ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)`` (pi sorts the logits decreasingly).
     """
+    if callable(kind):
+        value = kind(logits, y, target)
+        if not isinstance(value, torch.Tensor) or value.shape != (logits.shape[0],):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise AttackError(
+                f"a loss function must return one value per sample, shape ({logits.shape[0]},); "
+                f"got {got}"
+            )
+        return value.float()
     logits = logits.float()
     if kind == "ce":
         if target is None:
@@ -112,8 +126,11 @@ def still_robust(success: torch.Tensor, rounds: int) -> Iterator[torch.Tensor]:
         yield idx
 
 
-def check_loss(loss: str) -> str:
-    """Return ``loss`` if it names an attack loss, else raise naming the choices."""
+def check_loss(loss: str | LossFn) -> str | LossFn:
+    """Return ``loss`` if it names an attack loss or is a function (see :data:`LossFn`),
+    else raise naming the choices."""
+    if callable(loss):
+        return loss
     if loss not in LOSSES:
         raise AttackError(
             f"unknown loss {loss!r}{did_you_mean(str(loss), LOSSES)} (choose from {LOSSES})"
@@ -334,7 +351,7 @@ class Attack:
             raise AttackOutputError(str(err).replace("output=", "output_fn=")) from None
 
     def loss_and_grad(
-        self, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, loss: str
+        self, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, loss: str | LossFn
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-sample loss, its input gradient and the logits at ``x_adv``.
 
@@ -355,7 +372,7 @@ class Attack:
 
     @torch.no_grad()
     def loss_value(
-        self, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, loss: str
+        self, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, loss: str | LossFn
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample loss (averaged over EOT draws) and the last logits, no gradients."""
         total = None

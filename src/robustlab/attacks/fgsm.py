@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from robustlab.attacks.base import ATTACKS, Attack, check_loss, normalize_step
+from robustlab.attacks.base import ATTACKS, Attack, LossFn, check_loss, normalize_step
 
 
 @ATTACKS.register("fgsm")
@@ -32,7 +32,13 @@ class FGSM(Attack):
     name = "fgsm"
 
     def __init__(
-        self, model: nn.Module, *, eps: float, norm: str = "linf", loss: str = "ce", **kwargs: Any
+        self,
+        model: nn.Module,
+        *,
+        eps: float,
+        norm: str = "linf",
+        loss: str | LossFn = "ce",
+        **kwargs: Any,
     ):
         super().__init__(model, eps=eps, norm=norm, **kwargs)
         self.loss = check_loss(loss)

@@ -12,6 +12,7 @@ from robustlab.attacks.base import (
     ATTACKS,
     Attack,
     AttackError,
+    LossFn,
     check_loss,
     normalize_step,
     project,
@@ -41,7 +42,8 @@ class PGD(Attack):
         norm: ``"linf"`` or ``"l2"``.
         random_start: start from a uniform random point of the ball.
         restarts: independent runs; the best per sample is kept.
-        loss: ``ce``, ``margin`` (CW) or ``dlr``.
+        loss: ``ce``, ``margin`` (CW) or ``dlr``, or a function ``(logits, y, target) ->
+            (B,)`` to maximise (see :func:`~robustlab.attacks.base.attack_loss`).
         early_stop: freeze each sample at its first adversarial iterate and drop it from
             the remaining forward/backward passes (what robust evaluation wants: far
             cheaper on weak models; off by default, where the highest-loss point is wanted).
@@ -67,7 +69,7 @@ class PGD(Attack):
         norm: str = "linf",
         random_start: bool = True,
         restarts: int = 1,
-        loss: str = "ce",
+        loss: str | LossFn = "ce",
         early_stop: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -146,7 +148,7 @@ class BIM(PGD):
         steps: int | None = None,
         step_size: float = 1 / 255,
         norm: str = "linf",
-        loss: str = "ce",
+        loss: str | LossFn = "ce",
         **kwargs: Any,
     ) -> None:
         if steps is None:

@@ -7,19 +7,25 @@ threshold fitted on clean data (Xu et al.: 5% false positives) is flagged.
 
 Not a :class:`~robustlab.defenses.base.Defense`: it does not change inputs, it labels them.
 An adaptive attacker who knows the detector can evade it (He et al. 2017 broke an ensemble
-of such detectors), so report its numbers beside an attack that targets it.
+of such detectors), so report its numbers beside an attack that targets it:
+:class:`DetectionPipeline` joins classifier and detector into one model with a "rejected"
+output (Carlini & Wagner 2017's construction for attacking detectors), and
+:class:`DetectorEvasion` is PGD on it, succeeding only where the classifier is fooled and
+the detector stays silent. :func:`robustlab.evaluate.evaluate_detector` runs both the
+naive and this adaptive attack and reports the ROC and the whole pipeline's accuracy.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from robustlab.attacks.pgd import PGD
 from robustlab.defenses.base import Defense, check_pixels, create_defense
 from robustlab.errors import ConfigError
 from robustlab.nn.adapt import OutputSpec, check_logits, preserve_modes, select_output
@@ -106,9 +112,23 @@ class SqueezeDetector:
         self.threshold: float | None = None  #: set by :meth:`fit`
         self.fpr: float | None = None  #: the false-positive rate asked of :meth:`fit`
 
-    def _probs(self, x: torch.Tensor) -> torch.Tensor:
-        logits = check_logits(select_output(self.model(x), self.output), x.shape[0])
-        return torch.softmax(logits.float(), dim=1)
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return check_logits(select_output(self.model(x), self.output), x.shape[0])
+
+    def logits_and_score(
+        self, x: torch.Tensor, squeezers: Sequence[Defense] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's logits (B, K) on ``x`` and the score (B,), differentiable (a
+        non-differentiable squeezer gives its BPDA surrogate's gradient inside
+        :func:`~robustlab.defenses.bpda_mode`). No batching, no mode changes: the building
+        block of :meth:`score` and of :class:`DetectionPipeline`."""
+        logits = self._logits(x)
+        p = torch.softmax(logits.float(), dim=1)
+        dist = [
+            (p - torch.softmax(self._logits(s(x)).float(), dim=1)).abs().sum(1)
+            for s in (self.squeezers if squeezers is None else squeezers)
+        ]
+        return logits, torch.stack(dist).amax(0)
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,13 +137,8 @@ class SqueezeDetector:
         check_pixels(x, "SqueezeDetector")
         if x.shape[0] == 0:
             return torch.zeros(0, device=x.device)
-        out = []
         with preserve_modes(self.model, training=False):
-            for chunk in x.split(self.batch_size):
-                p = self._probs(chunk)
-                dist = [(p - self._probs(s(chunk))).abs().sum(1) for s in self.squeezers]
-                out.append(torch.stack(dist).amax(0))
-        return torch.cat(out)
+            return torch.cat([self.logits_and_score(c)[1] for c in x.split(self.batch_size)])
 
     def fit(self, x_clean: torch.Tensor, fpr: float = 0.05) -> SqueezeDetector:
         """Set the threshold so that a fraction ``fpr`` of ``x_clean`` is flagged.
@@ -157,3 +172,80 @@ class SqueezeDetector:
     def __repr__(self) -> str:
         specs = ", ".join(s.spec() for s in self.squeezers)
         return f"SqueezeDetector(squeezers=[{specs}], threshold={self.threshold})"
+
+
+class DetectionPipeline(nn.Module):
+    """Classifier and fitted detector as one model with ``K + 1`` outputs, for attacks.
+
+    Outputs the classifier's logits ``z`` (B, K) and a last "rejected" logit
+    ``r = max_j z_j + weight * (score(x) - threshold)``, so ``r`` is the largest exactly
+    when the detector flags ``x`` (Carlini & Wagner 2017, "Adversarial examples are not
+    easily detected", build the same kind of joint model). Gradients flow through the
+    score; wrap attacks in :func:`~robustlab.defenses.bpda_mode` so that
+    non-differentiable squeezers (bit depth) pass their surrogate's gradient.
+
+    Decide the final verdict with :meth:`SqueezeDetector.detect` and the classifier:
+    within ``weight * (score - threshold)``'s rounding of ``max z`` the two can differ.
+
+    Args:
+        detector: a fitted :class:`SqueezeDetector`.
+        weight: logits per unit of score above the threshold (scores lie in [0, 2]).
+    """
+
+    def __init__(self, detector: SqueezeDetector, weight: float = 10.0) -> None:
+        super().__init__()
+        if detector.threshold is None:
+            raise ConfigError("DetectionPipeline: fit the detector first (detector.fit)")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"DetectionPipeline: weight must be > 0, got {weight!r}")
+        self.detector = detector
+        self.model = detector.model  # registered, so modes and devices follow the pipeline
+        self.squeezers = nn.ModuleList(detector.squeezers)  # found by bpda_mode
+        self.weight = float(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, score = self.detector.logits_and_score(x, list(self.squeezers))
+        logits = logits.float()
+        reject = logits.amax(1) + self.weight * (score - self.detector.threshold)
+        return torch.cat([logits, reject[:, None]], dim=1)
+
+
+def evasion_loss(
+    logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The objective of evading a :class:`DetectionPipeline`'s output (B, K + 1): the best
+    wrong class's logit minus the larger of the true class's and the rejected logit
+    (targeted: the target's logit minus the largest other). Positive exactly when the
+    pipeline predicts a wrong (or the target) class without rejecting."""
+    z, k = logits.float(), logits.shape[1] - 1
+    if target is not None:
+        return z.gather(1, target[:, None])[:, 0] - z.scatter(1, target[:, None], -math.inf).amax(1)
+    wrong = z[:, :k].scatter(1, y[:, None], -math.inf).amax(1)
+    return wrong - torch.maximum(z.gather(1, y[:, None])[:, 0], z[:, k])
+
+
+class DetectorEvasion(PGD):
+    """PGD against a :class:`DetectionPipeline`: succeeds only where the pipeline predicts a
+    wrong class and does not reject (the last output). Defaults: :func:`evasion_loss`,
+    ``early_stop=True`` (each point kept at its first evading iterate). Other arguments as
+    :class:`~robustlab.attacks.PGD`.
+
+    Example:
+        >>> pipeline = DetectionPipeline(detector.fit(x_heldout, fpr=0.05))
+        >>> with bpda_mode(pipeline):
+        ...     x_adv = DetectorEvasion(pipeline, eps=0.3, steps=100)(x, y)
+    """
+
+    name = "detector_evasion"
+
+    def __init__(self, model: nn.Module, *, eps: float, **kwargs: Any) -> None:
+        kwargs.setdefault("loss", evasion_loss)
+        kwargs.setdefault("early_stop", True)
+        super().__init__(model, eps=eps, **kwargs)
+
+    def is_success(
+        self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+    ) -> torch.Tensor:
+        pred = logits.argmax(1)
+        accepted = pred != logits.shape[1] - 1
+        return accepted & (pred == target if target is not None else pred != y)
