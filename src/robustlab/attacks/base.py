@@ -58,6 +58,10 @@ class AttackResult(NamedTuple):
 
     x_adv: torch.Tensor  #: adversarial examples, same shape/dtype/device as the input
     success: torch.Tensor  #: bool (B,): misclassified (untargeted) or target reached (targeted)
+    #: long (B,): gradient steps taken (over all restarts) before each point first fooled
+    #: the model, 0 for its starting point, -1 where it never did; None where the attack
+    #: does not count steps
+    first_step: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------- losses
@@ -337,8 +341,10 @@ class Attack:
 
     def _perturb(
         self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, need_success: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return (x_adv, success or None). ``success`` may be None; the base computes it."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (x_adv, success or None), or (x_adv, success, first_step) from an attack
+        that counts steps (see :class:`AttackResult`). ``success`` may be None; the base
+        computes it."""
         raise NotImplementedError
 
     # -- helpers for subclasses --------------------------------------------------------
@@ -469,7 +475,9 @@ class Attack:
             if bad.any():
                 raise AttackError(f"labels must lie in 0..{k - 1} for this model ({k} logits)")
             target = self._resolve_target(x, y, target, k)
-            x_adv, success = self._perturb(x.detach(), y, target, need_success)
+            out = self._perturb(x.detach(), y, target, need_success)
+            x_adv, success = out[0], out[1]
+            first_step = out[2] if len(out) == 3 else None
             x_adv = x_adv.detach().to(dtype=x.dtype)
             if self.eps is not None:  # final guarantee; samples already inside stay bit-exact
                 outside = lp_norm(x_adv - x, self.norm) > self.eps + 1e-6  # contract tolerance
@@ -484,7 +492,7 @@ class Attack:
                 with torch.no_grad():
                     success = self.is_success(self.logits(x_adv), y, target)
         return AttackResult(
-            x_adv, success if success is not None else torch.zeros(0, dtype=torch.bool)
+            x_adv, success if success is not None else torch.zeros(0, dtype=torch.bool), first_step
         )
 
 

@@ -86,20 +86,42 @@ class PGD(Attack):
 
     def _ascend(
         self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One run from a (random) start: the final points and, per sample, the gradient
+        steps taken before its iterate first fooled the model (-1: no checked iterate did;
+        the last iterate is judged by the caller).
+
+        No silent success: the logits of every iterate are computed for its gradient
+        anyway, so a sample whose path crossed an adversarial point but whose last iterate
+        is not adversarial gets the first adversarial iterate back (one forward pass on
+        such samples' last iterates decides). With ``early_stop`` each sample stops there.
+        """
         x_adv = random_start(x, self.eps, self.norm, self.generator) if self.random_start else x
+        first = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
         if not self.early_stop:
-            for _ in range(self.steps):
-                _, grad, _ = self.loss_and_grad(x_adv, y, target, self.loss)
+            x_found = None
+            for t in range(self.steps):
+                _, grad, logits = self.loss_and_grad(x_adv, y, target, self.loss)
+                newly = self.is_success(logits, y, target) & (first < 0)
+                if newly.any():
+                    x_found = x_adv.clone() if x_found is None else x_found
+                    x_found[newly], first[newly] = x_adv[newly], t
                 step = x_adv + self.step_size * normalize_step(grad, self.norm)
                 x_adv = project(step, x, self.eps, self.norm)
-            return x_adv
+            if x_found is not None:  # found earlier: keep the last iterate only if it fools too
+                idx = (first >= 0).nonzero()[:, 0]
+                t = target[idx] if target is not None else None
+                with torch.no_grad():
+                    lost = ~self.is_success(self.logits(x_adv[idx]), y[idx], t)
+                x_adv[idx[lost]] = x_found[idx[lost]]
+            return x_adv, first
         active = torch.arange(x.shape[0], device=x.device)
-        for _ in range(self.steps):
+        for step_index in range(self.steps):
             t = target[active] if target is not None else None
             xa, x0 = x_adv[active], x[active]
             _, grad, logits = self.loss_and_grad(xa, y[active], t, self.loss)
             keep = ~self.is_success(logits, y[active], t)  # fooled samples stay where they are
+            first[active[~keep]] = step_index
             step = project(
                 xa + self.step_size * normalize_step(grad, self.norm), x0, self.eps, self.norm
             )
@@ -107,24 +129,27 @@ class PGD(Attack):
             active = active[keep]
             if active.numel() == 0:
                 break
-        return x_adv
+        return x_adv, first
 
     def _perturb(self, x, y, target, need_success):
         if self.restarts == 1 and not need_success:
-            return self._ascend(x, y, target), None
+            return self._ascend(x, y, target)[0], None
         best = x.clone()
         best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
         success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for idx in still_robust(success, self.restarts):
+        first_step = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        for restart, idx in enumerate(still_robust(success, self.restarts)):
             t = target[idx] if target is not None else None
-            x_adv = self._ascend(x[idx], y[idx], t)
+            x_adv, first = self._ascend(x[idx], y[idx], t)
             loss, logits = self.loss_value(x_adv, y[idx], t, self.loss)
             fooled = self.is_success(logits, y[idx], t)
+            first = torch.where(fooled & (first < 0), self.steps, first)  # the last iterate
+            first_step[idx[fooled]] = restart * self.steps + first[fooled]
             better = fooled | (loss > best_loss[idx])
             best[idx[better]] = x_adv[better]
             best_loss[idx[better]] = loss[better]
             success[idx] = fooled
-        return best, success
+        return best, success, first_step
 
 
 @ATTACKS.register("bim")
