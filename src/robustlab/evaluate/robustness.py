@@ -157,11 +157,17 @@ class EvalReport:
     warnings: list[str] = field(default_factory=list)
     robust: dict[float, torch.Tensor] = field(default_factory=dict, repr=False)  #: per-sample masks
     draws: int = 1  #: forward passes each example is scored over (randomized models)
+    #: the validity checks (:mod:`robustlab.evaluate.checks`); None when switched off
+    validity: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("robust")
         return d
+
+    def check_lines(self) -> list[str]:
+        """The validity checks that did not pass, one line each."""
+        return [c.line() for c in self.validity.flagged] if self.validity is not None else []
 
     def curve(self) -> list[tuple[float, float]]:
         """(eps, robust accuracy) pairs, the accuracy-versus-epsilon curve (eps 0 = clean)."""
@@ -187,7 +193,11 @@ class EvalReport:
                 f"{r.eps:8.4g}  {100 * self.clean_accuracy:6.2f}%  {cells}  "
                 f"{100 * r.robust_accuracy:9.2f}%{vote}"
             )
-        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
+        return "\n".join(
+            lines
+            + [f"warning: {w}" for w in self.warnings]
+            + [f"check {c}" for c in self.check_lines()]
+        )
 
 
 def _tensor_digest(tensors: Sequence[torch.Tensor]) -> str:
@@ -258,6 +268,7 @@ def evaluate(
     adaptive: bool = True,
     eot_samples: int = 10,
     rescore_draws: int | None = None,
+    checks: bool = True,
 ) -> EvalReport:
     """Clean and worst-case robust accuracy of ``model`` on ``data``.
 
@@ -291,6 +302,12 @@ def evaluate(
             else 1. The robust accuracy is then the worst case over draws (a point counts
             as broken if any draw misclassifies it) and ``majority_accuracy`` the
             majority vote: filtering on one draw would inflate a randomized defense.
+        checks: run the validity checks (:mod:`robustlab.evaluate.checks`: randomness,
+            probabilities instead of logits, saturated softmax, too few classes, zero
+            gradients, instability under small noise, a gradient-free attack beating the
+            gradient ones, random noise beating the attacks); they cost a few forward and
+            backward passes on 32 points and 4 noise draws per eps, and land in
+            ``report.validity``.
 
     A state file is resumed only when everything that decides the result is the same:
     the weights (hash), the points (hash of images and labels: data set, split and subset),
@@ -336,12 +353,42 @@ def evaluate(
     if transfer_from is not None:
         check_model_fits(source, data, dev)
     with preserve_modes(model, training=False), preserve_modes(source, training=False):
-        return _evaluate(
+        report = _evaluate(
             model, data, specs, eps_list, norm, batch_size, seed, state_file, dev, progress,
             attack_options or {}, fast, fast_model(source, example) if fast else source,
             scorer=model if transfer_from is not None else None,
             rescore_draws=rescore_draws, eot_draws=eot_samples,
         )  # fmt: skip
+    if checks:
+        report.validity = _validity(model, data, report, eps_list, norm, batch_size, dev, seed)
+        for c in report.validity.flagged:
+            log.warning(c.line())
+    return report
+
+
+def _validity(model, data, report, eps_list, norm, batch_size, dev, seed):
+    """The validity checks of an evaluation: model checks on the first 32 points, report
+    checks (noise versus attacks under L-inf only: sign noise is an L-inf direction)."""
+    from robustlab.evaluate.checks import (
+        ValidityReport,
+        model_checks,
+        noise_accuracy,
+        report_checks,
+    )
+
+    x, y = to_float(data.x[:32]).to(dev), data.y[:32].to(dev)
+    found = model_checks(model, x, y, eps=min(eps_list) if eps_list else None, seed=seed)
+    noise = None
+    if eps_list and norm == "linf":
+        accs = []
+        for i in range(0, len(data), batch_size):
+            xb, yb = (
+                to_float(data.x[i : i + batch_size]).to(dev),
+                data.y[i : i + batch_size].to(dev),
+            )
+            accs.append(torch.tensor(noise_accuracy(model, xb, yb, eps_list, seed=seed)) * len(xb))
+        noise = (torch.stack(accs).sum(0) / len(data)).tolist()
+    return ValidityReport(found + report_checks(report, noise))
 
 
 def check_count(n: Any, available: int, what: str = "n") -> int:
@@ -508,7 +555,6 @@ def _run_stages(
         robust = restored(key_e, "robust", carried)
         majority = restored(key_e, "majority", carried_majority)
         stages: list[StageResult] = []
-        black_box_only, gradient_ran = 0, False
         for ai, spec in enumerate(specs):
             key = f"{ei}/{ai}"
             stage = state["stages"].get(
@@ -559,10 +605,6 @@ def _run_stages(
                     robust.tolist(), majority.tolist(),
                 )  # fmt: skip
                 save_state()
-            uses_gradients = ATTACKS.get(spec.name).uses_gradients
-            if not uses_gradients and gradient_ran:  # it found what gradient attacks missed
-                black_box_only += stage["broken"]
-            gradient_ran |= uses_gradients
             stages.append(
                 StageResult(
                     spec.label,
@@ -571,12 +613,6 @@ def _run_stages(
                     stage["attacked"],
                     round(stage["seconds"], 3),
                 )
-            )
-        if black_box_only:
-            warnings.append(
-                f"at eps {e:g}, gradient-free attacks broke {black_box_only} points the gradient "
-                "attacks missed: the gradients may be masked or obfuscated; prefer adaptive "
-                "attacks (EOT, BPDA)"
             )
         robust_masks[e] = robust.clone()
         results.append(

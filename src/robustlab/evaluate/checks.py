@@ -1,0 +1,303 @@
+"""Checks that an evaluation can be trusted: signs of masked gradients and weak attacks.
+
+An attack that fails proves nothing if the gradient it follows is broken. These checks
+automate what the best references ask a reader to verify by hand:
+
+- AutoAttack (Croce & Hein, ICML 2020) flags randomness across identical calls, a softmax
+  instead of logits, zero gradients and a gradient-free attack beating gradient ones;
+- the indicators of attack failure (Pintor et al., NeurIPS 2022) add unavailable
+  gradients and predictions unstable under small random noise;
+- Carlini et al. (2019, "On evaluating adversarial robustness") ask that random noise be
+  weaker than the attacks and iterative attacks stronger than single-step ones.
+
+Each check returns a verdict (``pass``, ``warn``, ``fail``), its evidence (numbers and
+the points concerned) and, when it fires, a plain-words reason with the next step. The
+model checks run on a few points and cost a handful of forward and backward passes; the
+report checks read an :class:`~robustlab.evaluate.robustness.EvalReport`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustlab.errors import ConfigError
+from robustlab.nn.adapt import OutputSpec, check_logits, preserve_modes, select_output
+
+VERDICTS = ("pass", "warn", "fail")
+
+
+@dataclass
+class Check:
+    """One check's outcome."""
+
+    name: str
+    verdict: str  #: "pass", "warn" or "fail"
+    reason: str  #: what was found, in plain words
+    next_step: str = ""  #: what to do about it (empty when the check passes)
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        tail = f" Next: {self.next_step}" if self.next_step and self.verdict != "pass" else ""
+        return f"[{self.verdict}] {self.name}: {self.reason}{tail}"
+
+
+@dataclass
+class ValidityReport:
+    """Every check run, in order; :attr:`flagged` are those that did not pass."""
+
+    checks: list[Check]
+
+    @property
+    def flagged(self) -> list[Check]:
+        return [c for c in self.checks if c.verdict != "pass"]
+
+    def verdict(self, name: str) -> str:
+        """The verdict of the check called ``name``."""
+        for c in self.checks:
+            if c.name == name:
+                return c.verdict
+        raise KeyError(f"no check named {name!r}; ran {[c.name for c in self.checks]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checks": [asdict(c) for c in self.checks]}
+
+    def table(self) -> str:
+        return "\n".join(["validity checks:"] + ["  " + c.line() for c in self.checks])
+
+
+def _logits(model: nn.Module, x: torch.Tensor, output: OutputSpec) -> torch.Tensor:
+    return check_logits(select_output(model(x), output), x.shape[0])
+
+
+def model_checks(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float | None = None,
+    output: OutputSpec = None,
+    seed: int = 0,
+) -> list[Check]:
+    """The checks that need only the model and a few clean points (pixels in [0, 1]).
+
+    Args:
+        model: the classifier evaluated (left in the mode it was found in).
+        x, y: a few clean points (16 to 64 are enough) and their labels.
+        eps: the smallest budget evaluated; the noise check perturbs by ``eps / 10``
+            (default 1/255).
+        output: where the logits are in the model's output.
+        seed: seed of the random noise.
+    """
+    if x.ndim < 2 or x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+        raise ConfigError(f"model_checks: needs a batch of points and labels, got {tuple(x.shape)}")
+    checks: list[Check] = []
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    with preserve_modes(model, training=False):
+        with torch.no_grad():
+            z1, z2 = _logits(model, x, output), _logits(model, x, output)
+        checks.append(_randomness(z1, z2))
+        checks.append(_softmax_output(z1))
+        checks.append(_saturation(z1))
+        checks.append(_classes(z1.shape[1]))
+        checks.append(_gradients(model, x, y, output))
+        checks.append(_noise_stability(model, x, z1, eps, output, gen))
+    return checks
+
+
+def _randomness(z1: torch.Tensor, z2: torch.Tensor) -> Check:
+    differ = (z1 != z2).any(1)
+    if not differ.any():
+        return Check("deterministic", "pass", "two identical calls give identical outputs")
+    return Check(
+        "deterministic", "warn",
+        f"two identical calls give different outputs on {int(differ.sum())} of "
+        f"{len(differ)} points: the model is randomised, and one draw per gradient follows "
+        "noise",
+        "attack with EOT (attack_options={'eot_samples': k}) and score each example over "
+        "several draws (evaluate does so for models it finds randomised)",
+        {"points": differ.nonzero()[:, 0].tolist()},
+    )  # fmt: skip
+
+
+def _softmax_output(z: torch.Tensor) -> Check:
+    z = z.float()
+    probabilities = bool((z >= 0).all()) and bool(((z.sum(1) - 1).abs() < 1e-4).all())
+    if not probabilities:
+        return Check("logits", "pass", "the outputs are not probability vectors")
+    return Check(
+        "logits", "fail",
+        "every output row is non-negative and sums to 1: the model returns probabilities, "
+        "and cross-entropy or margins computed on them are flat where the softmax saturates",
+        "give the attacks the logits (remove the final softmax, or select them with output=)",
+        {"row_sums": z.sum(1)[:8].tolist()},
+    )  # fmt: skip
+
+
+def _saturation(z: torch.Tensor) -> Check:
+    p = torch.softmax(z.float(), 1)
+    saturated = p.amax(1) >= 1.0  # the float32 softmax is exactly one-hot
+    share = float(saturated.float().mean())
+    if share <= 0.5:
+        return Check("saturation", "pass", f"{100 * share:.0f}% of the softmax outputs are one-hot")
+    return Check(
+        "saturation", "warn",
+        f"{100 * share:.0f}% of the points have a softmax that is exactly one-hot in float32 "
+        "(logits of scale "
+        f"{float(z.float().std(1).median()):.3g}): cross-entropy gradients vanish there, as for "
+        "a model whose logits carry a large temperature",
+        "use a margin loss (pgd:loss=margin, cw, apgd-t with dlr), which is scale-free",
+        {"points": saturated.nonzero()[:, 0].tolist()},
+    )  # fmt: skip
+
+
+def _classes(k: int) -> Check:
+    if k >= 4:
+        return Check("classes", "pass", f"{k} classes: DLR and targeted attacks apply")
+    return Check(
+        "classes", "warn",
+        f"only {k} classes: the DLR loss needs 3 (targeted: 4), and apgd-t has at most "
+        f"{max(k - 1, 0)} targets",
+        "use ce or margin losses (pgd, apgd-ce, cw) instead of apgd-t/dlr",
+        {"classes": k},
+    )  # fmt: skip
+
+
+def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: OutputSpec) -> Check:
+    with torch.enable_grad():
+        xa = x.detach().clone().requires_grad_(True)
+        loss = F.cross_entropy(_logits(model, xa, output).float(), y.to(x.device), reduction="sum")
+        grads = torch.autograd.grad(loss, xa, allow_unused=True)[0]
+    if grads is None:
+        zero = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    else:
+        zero = (grads.flatten(1) == 0).all(1)
+    if not zero.any():
+        return Check("gradients", "pass", "every point has a non-zero input gradient")
+    share = float(zero.float().mean())
+    return Check(
+        "gradients", "fail" if share > 0.5 else "warn",
+        f"the input gradient of the loss is exactly zero on {int(zero.sum())} of "
+        f"{len(zero)} points: a non-differentiable or gradient-stopping step (quantisation, "
+        "rounding, a detached branch) hides the gradient from the attacks",
+        "attack through a differentiable stand-in (BPDA: wrap the step as a robustlab "
+        "Defense with a surrogate) and add gradient-free attacks (square)",
+        {"points": zero.nonzero()[:, 0].tolist()},
+    )  # fmt: skip
+
+
+def _noise_stability(
+    model: nn.Module,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    eps: float | None,
+    output: OutputSpec,
+    gen: torch.Generator,
+) -> Check:
+    size = (eps if eps else 1 / 255) / 10
+    noise = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * size
+    with torch.no_grad():
+        moved = _logits(model, (x + noise).clamp(0, 1), output).argmax(1) != z.argmax(1)
+    share = float(moved.float().mean())
+    if share <= 0.1:
+        return Check(
+            "noise_stability", "pass",
+            f"uniform noise of L-inf {size:.3g} changes {100 * share:.0f}% of the predictions",
+        )  # fmt: skip
+    return Check(
+        "noise_stability", "warn",
+        f"uniform noise of L-inf {size:.3g} (a tenth of the budget) changes "
+        f"{100 * share:.0f}% of the predictions: the decision surface is unstable at a scale "
+        "far below eps, which breaks gradient steps (randomness or input quantisation)",
+        "use EOT for randomness, BPDA for quantisation, and more restarts",
+        {"points": moved.nonzero()[:, 0].tolist(), "noise": size},
+    )  # fmt: skip
+
+
+def report_checks(report: Any, noise: Sequence[float] | None = None) -> list[Check]:
+    """The checks that read an evaluation's results.
+
+    Args:
+        report: an :class:`~robustlab.evaluate.robustness.EvalReport`.
+        noise: accuracy under random sign noise at each of the report's eps (the same
+            points; :func:`noise_accuracy`), for Carlini et al.'s "noise is weaker than
+            the attacks".
+    """
+    from robustlab.attacks import ATTACKS
+    from robustlab.evaluate.robustness import AttackSpec
+
+    checks: list[Check] = []
+    gradient_free = []
+    for r in report.results:
+        gradient_ran = False
+        for s in r.stages:
+            uses = ATTACKS.get(AttackSpec.parse(s.attack).name).uses_gradients
+            if not uses and gradient_ran and s.broken:
+                gradient_free.append({"eps": r.eps, "attack": s.attack, "broken": s.broken})
+            gradient_ran |= uses
+    if gradient_free:
+        checks.append(Check(
+            "gradient_free_weaker", "fail",
+            "a gradient-free attack broke points the gradient attacks had left standing ("
+            + ", ".join(f"{g['broken']} by {g['attack']} at eps {g['eps']:g}"
+                        for g in gradient_free)
+            + "): the gradients are masked or the gradient attacks too weak",
+            "attack adaptively (EOT for randomness, BPDA for non-differentiable steps), raise "
+            "iterations and restarts, use the margin loss",
+            {"cases": gradient_free},
+        ))  # fmt: skip
+    else:
+        checks.append(Check(
+            "gradient_free_weaker", "pass",
+            "no gradient-free attack broke a point the gradient attacks missed",
+        ))  # fmt: skip
+    if noise is not None:
+        worse = [
+            {"eps": r.eps, "noise": a, "attacks": r.robust_accuracy}
+            for r, a in zip(report.results, noise)
+            if a < r.robust_accuracy
+        ]
+        if worse:
+            checks.append(Check(
+                "noise_weaker", "fail",
+                "random noise breaks more points than the attacks ("
+                + ", ".join(f"eps {w['eps']:g}: noise {100 * w['noise']:.1f}% vs attacks "
+                            f"{100 * w['attacks']:.1f}%" for w in worse)
+                + "): the attacks are not working",
+                "check the loss (logits, not probabilities), the step size and the gradients",
+                {"cases": worse},
+            ))  # fmt: skip
+        else:
+            checks.append(Check("noise_weaker", "pass", "random noise is weaker than the attacks"))
+    return checks
+
+
+@torch.no_grad()
+def noise_accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: Sequence[float],
+    *,
+    draws: int = 4,
+    output: OutputSpec = None,
+    seed: int = 0,
+) -> list[float]:
+    """Accuracy under random sign noise of L-inf size ``eps`` (a point counts as correct
+    only if it survives every one of ``draws`` draws), per eps."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    out = []
+    with preserve_modes(model, training=False):
+        for e in eps:
+            ok = _logits(model, x, output).argmax(1) == y
+            for _ in range(draws):
+                sign = torch.randint(0, 2, x.shape, generator=gen, device=x.device).to(x.dtype)
+                xn = (x + e * (2 * sign - 1)).clamp(0, 1)
+                ok &= _logits(model, xn, output).argmax(1) == y
+            out.append(float(ok.float().mean()))
+    return out

@@ -1,0 +1,123 @@
+"""Validity checks: each fires on a model built to trip it, and stays silent on clean
+models (a standard and a robustly trained one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import robustlab as rl
+from robustlab.evaluate.checks import (
+    ValidityReport,
+    model_checks,
+    noise_accuracy,
+    report_checks,
+)
+from robustlab.evaluate.robustness import EpsResult, EvalReport, StageResult
+
+MODEL_CHECKS = {"deterministic", "logits", "saturation", "classes", "gradients", "noise_stability"}
+
+
+class Wrap(nn.Module):
+    """``after(model(before(x)))``: a trained model with one thing broken."""
+
+    def __init__(self, model, before=None, after=None):
+        super().__init__()
+        self.model, self.before, self.after = model, before, after
+
+    def forward(self, x):
+        x = self.before(x) if self.before else x
+        out = self.model(x)
+        return self.after(out) if self.after else out
+
+
+def verdicts(model, x, y, **kw) -> dict[str, str]:
+    checks = model_checks(model, x, y, **kw)
+    assert {c.name for c in checks} == MODEL_CHECKS
+    return {c.name: c.verdict for c in checks}
+
+
+@pytest.fixture
+def points(trained_mnist_model):
+    model, test = trained_mnist_model
+    return model, test.float_images(slice(0, 32)), test.y[:32]
+
+
+def test_clean_models_trip_nothing(points, lmt_mnist_model):
+    model, x, y = points
+    assert set(verdicts(model, x, y, eps=0.1).values()) == {"pass"}
+    robust, _ = lmt_mnist_model
+    assert set(verdicts(robust, x, y, eps=0.1).values()) == {"pass"}
+
+
+@pytest.mark.parametrize(
+    ("broken", "name", "verdict"),
+    [
+        (dict(after=lambda z: torch.softmax(z, 1)), "logits", "fail"),
+        (dict(before=lambda x: torch.round(x * 3) / 3), "gradients", "fail"),  # quantised input
+        (dict(before=lambda x: x.detach()), "gradients", "fail"),  # a gradient-killing layer
+        (dict(after=lambda z: F.dropout(z, 0.5, training=True)), "deterministic", "warn"),
+        (dict(after=lambda z: 1000 * z), "saturation", "warn"),  # a large temperature
+        (dict(after=lambda z: z[:, :2]), "classes", "warn"),
+        # a surface that flips at a scale far below eps: class 0's logit jumps by +-50
+        (
+            dict(
+                after=lambda z: torch.cat([z[:, :1] + 50 * torch.sin(2e4 * z[:, :1]), z[:, 1:]], 1)
+            ),
+            "noise_stability",
+            "warn",
+        ),
+    ],
+)
+def test_each_check_fires_on_the_model_built_to_trip_it(points, broken, name, verdict):
+    model, x, y = points
+    y = y % 2 if name == "classes" else y
+    got = verdicts(Wrap(model, **broken), x, y, eps=0.1)
+    assert got[name] == verdict, got
+    line = next(c for c in model_checks(Wrap(model, **broken), x, y, eps=0.1) if c.name == name)
+    assert line.next_step and line.reason  # says why and what to do
+
+
+def report_with(stages, robust=0.5):
+    return EvalReport(
+        n=10, norm="linf", clean_accuracy=0.9, attacks=[s.attack for s in stages], seed=0,
+        results=[EpsResult(0.3, robust, stages)],
+    )  # fmt: skip
+
+
+def test_report_checks_gradient_free_beating_gradients_and_noise():
+    pgd = StageResult("pgd:steps=10", broken=3, robust_after=0.6, attacked=9, seconds=1.0)
+    square = StageResult("square", broken=1, robust_after=0.5, attacked=6, seconds=1.0)
+    square_first = StageResult("square", broken=3, robust_after=0.6, attacked=9, seconds=1.0)
+    nothing = StageResult("square", broken=0, robust_after=0.6, attacked=6, seconds=1.0)
+    v = {c.name: c.verdict for c in report_checks(report_with([pgd, square]), noise=[0.7])}
+    assert v == {"gradient_free_weaker": "fail", "noise_weaker": "pass"}
+    v = {c.name: c.verdict for c in report_checks(report_with([square_first, pgd]), noise=[0.4])}
+    assert v == {"gradient_free_weaker": "pass", "noise_weaker": "fail"}  # square ran first
+    v = {c.name: c.verdict for c in report_checks(report_with([pgd, nothing]))}
+    assert v == {"gradient_free_weaker": "pass"}
+
+
+def test_noise_accuracy_against_a_hand_count():
+    # logits = [0, mean pixel - 0.5]: class 1 iff the mean is above 0.5; sign noise of
+    # size 0.2 moves the mean by at most 0.2, so points at mean 0.1 / 0.9 never change and
+    # a point at 0.45 (class 0) flips once noise pushes the mean above 0.5.
+    model = lambda x: torch.stack([torch.zeros(len(x)), x.flatten(1).mean(1) - 0.5], 1)  # noqa: E731
+    x = torch.tensor([0.1, 0.9, 0.45]).view(3, 1, 1, 1).expand(3, 1, 1, 64).contiguous()
+    y = torch.tensor([0, 1, 0])
+    assert noise_accuracy(model, x, y, [0.01, 0.2], draws=8) == pytest.approx([1.0, 2 / 3])
+
+
+def test_evaluate_reports_checks_and_a_weak_attack_trips_noise(points):
+    model, x, y = points
+    data = rl.ImageDataset(x, y, num_classes=10)
+    report = rl.evaluate(model, data, attacks=["pgd:steps=10"], eps=[0.1])
+    assert isinstance(report.validity, ValidityReport) and not report.validity.flagged
+    assert report.to_dict()["validity"]["checks"]
+    weak = rl.evaluate(model, data, attacks=["pgd:steps=1:step_size=1e-6:random_start=false"],
+                       eps=[0.3])  # fmt: skip
+    assert weak.validity.verdict("noise_weaker") == "fail"
+    assert "noise_weaker" in weak.table()
+    assert rl.evaluate(model, data, attacks=["fgsm"], eps=[0.1], checks=False).validity is None
