@@ -97,6 +97,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 model, data, attacks=attacks, eps=eps, norm=args.norm,
                 batch_size=args.batch_size, seed=args.seed, state_file=state,
                 eot_samples=args.eot_samples,
+                checks={"cheap": True, "full": "full", "off": False}[args.checks],
             )  # fmt: skip
             result.update(clean_accuracy=report.clean_accuracy, robust=report.to_dict())
             print(report.table())
@@ -410,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eot-samples", type=_positive_int, default=10, help="EOT draws for randomized defenses"
     )
+    p.add_argument(
+        "--checks", default="cheap", choices=["cheap", "full", "off"],
+        help="validity checks: cheap (default; a few passes on 32 points), full (adds an "
+        "unbounded attack, FGSM and doubled steps on 64 points), off",
+    )  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cpu)")
     p.set_defaults(func=_cmd_eval)
 

@@ -163,25 +163,50 @@ def test_clean_false_positives_are_errors_and_the_adaptive_attack_runs_with_bpda
 
 
 def test_headline_is_the_per_point_worst_case(monkeypatch):
-    """With an adaptive attacker that breaks nothing, the headline is the naive figure
-    (and the other way round): each point counts once, as its worse outcome."""
+    """With adaptive attackers that break nothing, the headline is the naive figure (and
+    the other way round): each point counts once, as its worse outcome."""
+    from robustlab.attacks import Attack
     from robustlab.data.base import ImageDataset
+    from robustlab.defenses.detector import SqueezedViews
 
     model, det = fitted_detector()
     data = ImageDataset(torch.rand(40, 3, 4, 4), torch.zeros(40), num_classes=5)
     data.y = model(data.x).argmax(1)
-    monkeypatch.setattr(DetectorEvasion, "__call__", lambda self, x, y: x)
+
+    def breaks_nothing(adaptive: bool):
+        def call(self, x, y):
+            is_adaptive = isinstance(self.model, (DetectionPipeline, SqueezedViews))
+            return x if is_adaptive == adaptive else Attack.__call__(self, x, y)
+
+        return call
+
+    monkeypatch.setattr(PGD, "__call__", breaks_nothing(adaptive=True))
     report = evaluate_detector(model, det, data, eps=[0.3], steps=5)
     r = report.results[0]
     assert r.adaptive == report.pipeline_clean_accuracy > r.naive  # the naive attack broke some
     assert r.worst == r.naive
-    monkeypatch.undo()
-    from robustlab.attacks import Attack
-
-    def naive_breaks_nothing(self, x, y):
-        return x if type(self) is PGD else Attack.__call__(self, x, y)
-
-    monkeypatch.setattr(PGD, "__call__", naive_breaks_nothing)
+    monkeypatch.setattr(PGD, "__call__", breaks_nothing(adaptive=False))
     r = evaluate_detector(model, det, data, eps=[0.3], steps=5).results[0]
     assert r.naive == report.pipeline_clean_accuracy > r.adaptive
     assert r.worst == r.adaptive
+
+
+def test_the_squeezed_views_attacker_counts_on_its_own(monkeypatch):
+    """With the evasion attacker and the naive one breaking nothing, the points the
+    squeezed-views attacker gets past the detector still count as broken."""
+    from robustlab.attacks import Attack
+    from robustlab.data.base import ImageDataset
+    from robustlab.defenses.detector import SqueezedViews
+
+    model, det = fitted_detector()
+    data = ImageDataset(torch.rand(40, 3, 4, 4), torch.zeros(40), num_classes=5)
+    data.y = model(data.x).argmax(1)
+
+    def only_views(self, x, y):
+        return Attack.__call__(self, x, y) if isinstance(self.model, SqueezedViews) else x
+
+    monkeypatch.setattr(PGD, "__call__", only_views)
+    report = evaluate_detector(model, det, data, eps=[0.3], steps=10)
+    r = report.results[0]
+    assert r.naive == report.pipeline_clean_accuracy
+    assert r.adaptive < report.pipeline_clean_accuracy and r.worst == r.adaptive

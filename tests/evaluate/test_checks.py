@@ -127,3 +127,69 @@ def test_evaluate_reports_checks_and_a_weak_attack_trips_noise(points):
     assert weak.validity.verdict("noise_weaker") == "fail"
     assert "noise_weaker" in weak.table()
     assert rl.evaluate(model, data, attacks=["fgsm"], eps=[0.1], checks=False).validity is None
+
+
+def test_full_checks_pass_on_a_clean_model_and_fire_on_masked_and_weak(points):
+    model, x, y = points
+    data = rl.ImageDataset(x, y, num_classes=10)
+    report = rl.evaluate(model, data, attacks=["pgd:steps=20"], eps=[0.1, 0.2], checks="full")
+    v = {c.name: c.verdict for c in report.validity.checks}
+    assert {v["unbounded"], v["single_step_weaker"], v["converged"]} == {"pass"}, v
+    # quantised input: zero gradients, so even an unbounded PGD stays put. On points whose
+    # label differs from what the model says for random images, a random start would be
+    # "adversarial" by chance and hide that: the check must start from the clean point.
+    masked = Wrap(model, before=lambda t: torch.round(t * 3) / 3)
+    with torch.no_grad():
+        noise_class = masked(torch.rand(64, *x.shape[1:])).argmax(1).mode().values
+    keep = y != noise_class
+    subset = rl.ImageDataset(x[keep], y[keep], num_classes=10)
+    report = rl.evaluate(masked, subset, attacks=["pgd:steps=5"], eps=[0.3], checks="full")
+    assert report.validity.verdict("unbounded") == "fail"
+    # an attack with a step far too small: FGSM beats it and doubling its steps is no help
+    weak = rl.evaluate(model, data, attacks=["pgd:steps=2:step_size=1e-4:random_start=false"],
+                       eps=[0.2], checks="full")  # fmt: skip
+    assert weak.validity.verdict("single_step_weaker") == "fail"
+    with pytest.raises(rl.ConfigError, match="checks must be"):
+        rl.evaluate(model, data, attacks=["fgsm"], eps=[0.1], checks="all")
+
+
+def test_doubling_steps_that_help_warns(points):
+    """PGD-2 with a step of 0.02 from the clean point moves at most 0.04 of a 0.2 budget:
+    doubling its steps breaks more points, so it had not converged."""
+    model, x, y = points
+    data = rl.ImageDataset(x, y, num_classes=10)
+    report = rl.evaluate(model, data, attacks=["pgd:steps=2:step_size=0.02:random_start=false"],
+                         eps=[0.2], checks="full")  # fmt: skip
+    assert report.validity.verdict("converged") == "warn"
+
+
+class OnlyTheCleanPoint(nn.Module):
+    """Class 0 exactly on the grey image 0.5, class 1 anywhere else; no gradient anywhere
+    (rounding). A random start is "adversarial" by chance; from the clean point an
+    attack cannot move."""
+
+    def forward(self, x):
+        grey = (torch.round(x.flatten(1) * 1000) == 500).all(1).float()
+        return torch.stack([grey, 1 - grey], 1) + 0 * torch.round(x.flatten(1)[:, :1])
+
+
+def test_unbounded_check_starts_from_the_clean_point():
+    data = rl.ImageDataset(torch.full((8, 1, 4, 4), 0.5), torch.zeros(8), num_classes=2)
+    report = rl.evaluate(OnlyTheCleanPoint(), data, attacks=["pgd:steps=2"], eps=[0.1],
+                         checks="full")  # fmt: skip
+    assert report.validity.verdict("unbounded") == "fail"
+
+
+def test_cli_eval_prints_and_saves_the_checks(tiny_config, capsys):
+    import json
+
+    from robustlab.cli import main
+    from robustlab.train import Trainer
+
+    run = Trainer(tiny_config("epochs=1")).fit()
+    argv = ["eval", str(run), "--eps", "0.05", "--n", "16", "--attacks", "pgd:steps=3"]
+    assert main([*argv, "--checks", "full"]) == 0
+    saved = json.loads((run / "eval.json").read_text())["robust"]["validity"]["checks"]
+    assert {"gradients", "noise_weaker", "unbounded", "converged"} <= {c["name"] for c in saved}
+    assert main([*argv, "--checks", "off"]) == 0
+    assert json.loads((run / "eval.json").read_text())["robust"]["validity"] is None

@@ -210,6 +210,29 @@ class DetectionPipeline(nn.Module):
         return torch.cat([logits, reject[:, None]], dim=1)
 
 
+class SqueezedViews(nn.Module):
+    """The classifier as an ensemble over the input and each of its squeezed versions:
+    ``sum_v log_softmax(f(v(x)))`` over ``v`` in (identity, squeezers...). An attack that
+    misclassifies this ensemble with confidence pushes every view to the same wrong class,
+    which is what keeps the detector's score low (the second adaptive attacker of
+    :func:`~robustlab.evaluate.evaluate_detector`; He et al. 2017 attack squeezing the
+    same way). Run attacks on it inside :func:`~robustlab.defenses.bpda_mode`.
+    """
+
+    def __init__(self, detector: SqueezeDetector) -> None:
+        super().__init__()
+        self.detector = detector
+        self.model = detector.model
+        self.squeezers = nn.ModuleList(detector.squeezers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.detector._logits
+        out = torch.log_softmax(logits(x).float(), dim=1)
+        for s in self.squeezers:
+            out = out + torch.log_softmax(logits(s(x)).float(), dim=1)
+        return out
+
+
 def evasion_loss(
     logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
 ) -> torch.Tensor:

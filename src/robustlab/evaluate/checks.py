@@ -301,3 +301,98 @@ def noise_accuracy(
                 ok &= _logits(model, xn, output).argmax(1) == y
             out.append(float(ok.float().mean()))
     return out
+
+
+def _steps(spec: Any) -> int | None:
+    """The iterations ``spec`` runs: its ``steps`` option, else the attack's default
+    (None for an attack without a fixed step count)."""
+    import inspect
+
+    from robustlab.attacks import ATTACKS
+
+    if "steps" in spec.options:
+        return int(spec.options["steps"])
+    param = inspect.signature(ATTACKS.get(spec.name).__init__).parameters.get("steps")
+    if param is None or not isinstance(param.default, int):
+        return None
+    return param.default
+
+
+def costly_checks(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    report: Any,
+    *,
+    seed: int = 0,
+) -> list[Check]:
+    """The checks that attack again (``checks="full"``), on the points ``x, y`` (the first
+    of the report's points; 64 are enough). Cost: a 50-step unbounded PGD, one FGSM per
+    eps, and the first gradient attack again with twice its steps on the points it left.
+
+    - ``unbounded``: PGD with the margin loss from the clean point (no random start: a
+      random image is misclassified by chance) over the whole pixel range must break
+      almost every point; if not, the attack cannot reach the boundary (Pintor et al.).
+    - ``single_step_weaker``: FGSM must not break more points than the ensemble did.
+    - ``converged``: doubling the steps of the first gradient attack breaks (almost)
+      nothing new (Carlini et al. 2019).
+    """
+    from robustlab.attacks import ATTACKS, FGSM, PGD
+    from robustlab.evaluate.robustness import AttackSpec
+
+    norm, n = report.norm, x.shape[0]
+    checks: list[Check] = []
+    with torch.no_grad(), preserve_modes(model, training=False):
+        clean_ok = _logits(model, x, None).argmax(1) == y
+    big = 1.0 if norm == "linf" else float(x[0].numel()) ** 0.5  # covers [0, 1]^d
+    unbounded = PGD(model, eps=big, norm=norm, steps=50, step_size=big / 25, loss="margin",
+                    random_start=False, early_stop=True, seed=seed).run(x, y)  # fmt: skip
+    left = clean_ok & ~unbounded.success
+    share = float(left.float().mean())
+    checks.append(Check(
+        "unbounded", "pass" if share <= 0.05 else "fail",
+        f"an unbounded PGD-50 (margin loss) leaves {100 * share:.0f}% of {n} points correct"
+        + ("" if share <= 0.05 else ": the attack cannot reach the decision boundary even "
+           "without a budget, so its bounded figures prove nothing"),
+        "look for masked gradients (see the gradients check), use BPDA or gradient-free attacks",
+        {"points": left.nonzero()[:, 0].tolist()},
+    ))  # fmt: skip
+    weaker, stalled = [], []
+    grad_spec = next(
+        (AttackSpec.parse(a) for a in report.attacks
+         if ATTACKS.get(AttackSpec.parse(a).name).uses_gradients),
+        None,
+    )  # fmt: skip
+    for r in report.results:
+        robust = report.robust[r.eps][:n].to(x.device)
+        fgsm = FGSM(model, eps=r.eps, norm=norm).run(x, y).success
+        fgsm_acc, ens_acc = float((clean_ok & ~fgsm).float().mean()), float(robust.float().mean())
+        if fgsm_acc < ens_acc:
+            weaker.append({"eps": r.eps, "fgsm": fgsm_acc, "ensemble": ens_acc})
+        steps = _steps(grad_spec) if grad_spec is not None else None
+        if steps is not None and robust.any():
+            options = {**grad_spec.options, "steps": 2 * steps}
+            doubled = AttackSpec(grad_spec.name, options).build(model, r.eps, norm, seed)
+            idx = robust.nonzero()[:, 0]
+            more = int(doubled.run(x[idx], y[idx]).success.sum())
+            if more > max(1, 0.02 * n):
+                stalled.append({"eps": r.eps, "steps": 2 * steps, "newly_broken": more})
+    checks.append(Check(
+        "single_step_weaker", "fail" if weaker else "pass",
+        "FGSM is weaker than the ensemble at every eps" if not weaker else
+        "single-step FGSM breaks more points than the ensemble ("
+        + ", ".join(f"eps {w['eps']:g}: {100 * w['fgsm']:.1f}% vs {100 * w['ensemble']:.1f}%"
+                    for w in weaker) + "): the iterative attacks are failing",
+        "check step size and iterations; add restarts and the margin loss",
+        {"cases": weaker},
+    ))  # fmt: skip
+    checks.append(Check(
+        "converged", "warn" if stalled else "pass",
+        "doubling the first gradient attack's steps breaks nothing new" if not stalled else
+        "doubling the steps breaks more points ("
+        + ", ".join(f"eps {s['eps']:g}: {s['newly_broken']}" for s in stalled)
+        + "): the attack had not converged",
+        "raise the steps (and restarts) until doubling them changes nothing",
+        {"cases": stalled},
+    ))  # fmt: skip
+    return checks

@@ -268,7 +268,7 @@ def evaluate(
     adaptive: bool = True,
     eot_samples: int = 10,
     rescore_draws: int | None = None,
-    checks: bool = True,
+    checks: bool | str = True,
 ) -> EvalReport:
     """Clean and worst-case robust accuracy of ``model`` on ``data``.
 
@@ -307,7 +307,8 @@ def evaluate(
             gradients, instability under small noise, a gradient-free attack beating the
             gradient ones, random noise beating the attacks); they cost a few forward and
             backward passes on 32 points and 4 noise draws per eps, and land in
-            ``report.validity``.
+            ``report.validity``. ``"full"`` adds the checks that attack again on 64
+            points: an unbounded attack, FGSM versus the ensemble, doubled steps.
 
     A state file is resumed only when everything that decides the result is the same:
     the weights (hash), the points (hash of images and labels: data set, split and subset),
@@ -318,6 +319,8 @@ def evaluate(
         >>> report = evaluate(model, test, attacks=["standard"], eps=[0.1, 0.3], n=1000)
         >>> print(report.table())
     """
+    if checks is not True and checks is not False and checks != "full":
+        raise ConfigError(f"checks must be True, False or 'full', got {checks!r}")
     if isinstance(attacks, str):
         attacks = [attacks]
     specs = expand_attacks(list(attacks))
@@ -360,17 +363,20 @@ def evaluate(
             rescore_draws=rescore_draws, eot_draws=eot_samples,
         )  # fmt: skip
     if checks:
-        report.validity = _validity(model, data, report, eps_list, norm, batch_size, dev, seed)
+        report.validity = _validity(
+            model, data, report, eps_list, norm, batch_size, dev, seed, full=checks == "full"
+        )
         for c in report.validity.flagged:
             log.warning(c.line())
     return report
 
 
-def _validity(model, data, report, eps_list, norm, batch_size, dev, seed):
+def _validity(model, data, report, eps_list, norm, batch_size, dev, seed, full=False):
     """The validity checks of an evaluation: model checks on the first 32 points, report
     checks (noise versus attacks under L-inf only: sign noise is an L-inf direction)."""
     from robustlab.evaluate.checks import (
         ValidityReport,
+        costly_checks,
         model_checks,
         noise_accuracy,
         report_checks,
@@ -388,7 +394,11 @@ def _validity(model, data, report, eps_list, norm, batch_size, dev, seed):
             )
             accs.append(torch.tensor(noise_accuracy(model, xb, yb, eps_list, seed=seed)) * len(xb))
         noise = (torch.stack(accs).sum(0) / len(data)).tolist()
-    return ValidityReport(found + report_checks(report, noise))
+    found += report_checks(report, noise)
+    if full and eps_list:
+        xs, ys = to_float(data.x[:64]).to(dev), data.y[:64].to(dev)
+        found += costly_checks(model, xs, ys, report, seed=seed)
+    return ValidityReport(found)
 
 
 def check_count(n: Any, available: int, what: str = "n") -> int:
