@@ -193,3 +193,18 @@ def test_cli_eval_prints_and_saves_the_checks(tiny_config, capsys):
     assert {"gradients", "noise_weaker", "unbounded", "converged"} <= {c["name"] for c in saved}
     assert main([*argv, "--checks", "off"]) == 0
     assert json.loads((run / "eval.json").read_text())["robust"]["validity"] is None
+
+
+def test_a_defended_model_takes_the_checks_switch(points):
+    from robustlab.defenses import defend
+
+    model, x, y = points
+    data = rl.ImageDataset(x[:16], y[:16], num_classes=10)
+    defended = defend(model, ["bitdepth:bits=3"])
+    report = rl.evaluate(defended, data, attacks=["pgd:steps=2"], eps=[0.1])
+    assert report.modes["naive"].validity.verdict("gradients") == "fail"  # by design
+    assert report.modes["bpda"].validity.verdict("gradients") == "pass"  # the surrogate's
+    assert report.modes["transfer"].validity is None
+    assert not any(w.startswith("naive: check") for w in report.warnings)
+    off = rl.evaluate(defended, data, attacks=["pgd:steps=2"], eps=[0.1], checks=False)
+    assert all(r.validity is None for r in off.modes.values())

@@ -123,7 +123,9 @@ def evaluate_defended(
         state_file: resumable state; each mode keeps its own file beside it
             (``state.naive.json`` ...).
         **kwargs: passed to :func:`~robustlab.evaluate.evaluate` (n, batch_size, seed,
-            device, progress, attack_options, fast, output).
+            device, progress, attack_options, fast, output, checks). Each mode runs its
+            validity checks (``modes[m].validity``); those that fire outside the naive
+            mode are repeated in the warnings.
     """
     if not isinstance(model, DefendedModel):
         raise ConfigError(f"evaluate_defended needs a DefendedModel, got {type(model).__name__}")
@@ -144,19 +146,25 @@ def evaluate_defended(
         plan.append((f"eot-{eot_samples}", model, eot_opts, {}))
         if not model.differentiable:
             plan.append((f"bpda+eot-{eot_samples}", bpda_model, eot_opts, {}))
-    plan.append(("transfer", model, base_opts, {"transfer_from": model.model}))
+    # the transfer mode's model is the naive mode's: its checks would repeat them
+    plan.append(("transfer", model, base_opts, {"transfer_from": model.model, "checks": False}))
 
     modes: dict[str, EvalReport] = {}
     for name, target, opts, extra in plan:
         state = _mode_state(state_file, name)
         modes[name] = evaluate(
             target, data, attacks=attacks, eps=eps, norm=norm, state_file=state,
-            attack_options=opts, adaptive=False, eot_samples=eot_samples, **extra, **kwargs,
+            attack_options=opts, adaptive=False, eot_samples=eot_samples, **{**kwargs, **extra},
         )  # fmt: skip
     defended = [r for m, r in modes.items() if m != "none"]
     eps_list = sorted(defended[0].robust)
     worst = {e: torch.stack([r.robust[e] for r in defended]).all(0) for e in eps_list}
     warnings = [f"{m}: {w}" for m, r in modes.items() for w in r.warnings]
+    # the naive mode's checks fire by design (that is what the adaptive modes answer);
+    # a check firing in an adaptive mode, or on the undefended model, is news
+    warnings += [
+        f"{m}: check {line}" for m, r in modes.items() if m != "naive" for line in r.check_lines()
+    ]
     naive = modes["naive"]
     for i, e in enumerate(eps_list):
         gap = naive.results[i].robust_accuracy - float(worst[e].float().mean())

@@ -347,6 +347,7 @@ def evaluate(
             model, data, attacks=specs, eps=eps_list, norm=norm, batch_size=batch_size,
             seed=seed, state_file=state_file, device=device, progress=progress,
             attack_options=attack_options, fast=fast, output=output, eot_samples=eot_samples,
+            checks=checks,
         )  # fmt: skip
     model = as_classifier(model, output)
     dev = torch.device(device) if device is not None else model_device(model)
