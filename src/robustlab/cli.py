@@ -119,8 +119,10 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         raise ConfigError(f"--fpr must be in (0, 1), got {args.fpr}")
     model = load(run.path, device=_device(args.device))
     data, name = _load_run_data(run.path, args.split, 0)
+    if args.fit_n < 1 or args.n < 0:
+        raise ConfigError(f"--fit-n must be >= 1 and --n >= 0, got {args.fit_n} and {args.n}")
     n = args.n or max(0, len(data) - args.fit_n)
-    if args.fit_n < 1 or n < 1 or n + args.fit_n > len(data):
+    if n < 1 or n + args.fit_n > len(data):
         raise ConfigError(
             f"the detector is fitted on clean points held out from those evaluated: --n {n} "
             f"plus --fit-n {args.fit_n} must fit in {name} {args.split} ({len(data)} images)"
