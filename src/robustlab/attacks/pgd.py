@@ -93,8 +93,9 @@ class PGD(Attack):
 
         No silent success: the logits of every iterate are computed for its gradient
         anyway, so a sample whose path crossed an adversarial point but whose last iterate
-        is not adversarial gets the first adversarial iterate back (one forward pass on
-        such samples' last iterates decides). With ``early_stop`` each sample stops there.
+        is not adversarial gets the first adversarial iterate back (one forward pass of the
+        last iterate decides, over the whole batch so that batch norm in train mode sees
+        the batch the steps saw). With ``early_stop`` each sample stops there.
         """
         x_adv = random_start(x, self.eps, self.norm, self.generator) if self.random_start else x
         first = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
@@ -109,11 +110,9 @@ class PGD(Attack):
                 step = x_adv + self.step_size * normalize_step(grad, self.norm)
                 x_adv = project(step, x, self.eps, self.norm)
             if x_found is not None:  # found earlier: keep the last iterate only if it fools too
-                idx = (first >= 0).nonzero()[:, 0]
-                t = target[idx] if target is not None else None
-                with torch.no_grad():
-                    lost = ~self.is_success(self.logits(x_adv[idx]), y[idx], t)
-                x_adv[idx[lost]] = x_found[idx[lost]]
+                with torch.no_grad():  # the whole batch, as in the steps (batch norm in train mode)
+                    lost = (first >= 0) & ~self.is_success(self.logits(x_adv), y, target)
+                x_adv[lost] = x_found[lost]
             return x_adv, first
         active = torch.arange(x.shape[0], device=x.device)
         for step_index in range(self.steps):
