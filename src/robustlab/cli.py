@@ -4,6 +4,7 @@ robustlab train CONFIG.yaml [--set key=value ...] [--resume | --overwrite | --ex
 robustlab eval RUN [--attacks A,B --eps E1,E2] [--split test] [--n N]
 robustlab compare RUN RUN ... --eps E1,E2
 robustlab certify RUN [--radii R1,R2]
+robustlab transfer RUN RUN ... --eps E --out matrix.json
 robustlab detect RUN --squeezer bitdepth:bits=1 --squeezer median:size=2 --eps E1,E2
 robustlab attack RUN --attack pgd --eps E --out adv.npz
 robustlab list models|datasets|recipes|activations|attacks|defenses
@@ -15,6 +16,7 @@ command that writes into a run directory holds its lock, so two writers never mi
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -143,6 +145,40 @@ def _cmd_detect(args: argparse.Namespace) -> int:
             DETECT_FILE, {"split": args.split, "fit_n": args.fit_n, **report.to_dict()}
         )
     print(f"written         {path}")
+    return 0
+
+
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    from robustlab.evaluate.transfer import transfer_matrix
+    from robustlab.io import Run, atomic_write_text, load
+
+    eps = _split_floats(args.eps)
+    if not eps:
+        raise ConfigError("--eps needs at least one budget, e.g. --eps 0.1,0.3")
+    runs = [Run(r).require() for r in args.runs]
+    names = [r.path.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"the runs' directory names must differ (they name the rows): {names}")
+    out = Path(args.out)
+    png = out.with_suffix(".png")
+    existing = [str(p) for p in (out, png) if p.exists()]
+    if existing and not args.overwrite:
+        raise ConfigError(f"{', '.join(existing)} exists; pass --overwrite to replace it")
+    data, name = _load_run_data(runs[0].path, args.split, args.n)
+    for run in runs[1:]:
+        other = run.meta_section("data", "name")["name"]
+        if other != name:
+            raise ConfigError(f"{run.path} was trained on {other}, {runs[0].path} on {name}")
+    models = {n: load(r.path, device=_device(args.device)) for n, r in zip(names, runs)}
+    attacks = [a for a in args.attacks.split(",") if a]
+    matrix = transfer_matrix(
+        models, data, attacks=attacks, eps=eps, norm=args.norm, seed=args.seed,
+        batch_size=args.batch_size,
+    )  # fmt: skip
+    print(matrix.table())
+    atomic_write_text(out, json.dumps({"data": name, "split": args.split, **matrix.to_dict()}))
+    matrix.plot(png)
+    print(f"written         {out}, {png}")
     return 0
 
 
@@ -453,6 +489,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cpu)")
     p.set_defaults(func=_cmd_detect)
+
+    p = sub.add_parser(
+        "transfer", help="transfer matrix: examples made on each run, scored on every run"
+    )
+    p.add_argument("runs", nargs="+", help="run directories (two or more, same data set)")
+    p.add_argument("--eps", required=True, help="comma-separated budgets, e.g. 0.1,0.3")
+    p.add_argument("--attacks", default="pgd:steps=20", help="attacks run on each source")
+    p.add_argument("--out", required=True, help="JSON file to write (and a .png heatmap beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--n", type=int, default=0, help="use the first N images (default: all)")
+    p.add_argument("--batch-size", type=_positive_int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_transfer)
 
     p = sub.add_parser("compare", help="clean and robust accuracy of several runs side by side")
     p.add_argument("runs", nargs="+", help="run directories")

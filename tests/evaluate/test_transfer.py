@@ -1,0 +1,79 @@
+"""Transfer matrix: each cell against an attack run by hand on the source and scored on
+the target; the diagonal against the white-box evaluation; the CLI and its outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import robustlab as rl
+from robustlab.attacks import FGSM
+from robustlab.evaluate.transfer import transfer_matrix
+
+
+@pytest.fixture
+def two_models(trained_mnist_model, lmt_mnist_model):
+    lenet, test = trained_mnist_model
+    lmt, _ = lmt_mnist_model
+    return {"lenet": lenet, "lmt": lmt}, test
+
+
+def test_each_cell_is_the_target_scored_on_the_sources_examples(two_models):
+    models, test = two_models
+    n = 64
+    m = transfer_matrix(models, test, attacks=["fgsm"], eps=[0.1, 0.2], n=n, fast=False)
+    x, y = test.float_images(slice(0, n)), test.y[:n]
+    with torch.no_grad():
+        clean_ok = {k: v(x).argmax(1) == y for k, v in models.items()}
+    for i, e in enumerate([0.1, 0.2]):
+        for s, source in models.items():
+            x_adv = FGSM(source, eps=e)(x, y)  # deterministic: per point, batch-independent
+            for t, target in models.items():
+                with torch.no_grad():
+                    survives = clean_ok[t] & (target(x_adv).argmax(1) == y)
+                assert m.accuracy[i][s][t] == pytest.approx(float(survives.float().mean())), (s, t)
+    for t in models:
+        assert m.clean[t] == pytest.approx(float(clean_ok[t].float().mean()))
+    assert "lenet" in m.table() and m.to_dict()["accuracy"][0]["lmt"]["lenet"] >= 0
+
+
+def test_diagonal_is_white_box_and_transfer_is_weaker(two_models, tmp_path):
+    models, test = two_models
+    m = transfer_matrix(models, test, attacks=["pgd:steps=10"], eps=[0.1], n=64)
+    for t, model in models.items():
+        white = rl.evaluate(model, test, attacks=["pgd:steps=10"], eps=[0.1], n=64)
+        assert m.accuracy[0][t][t] == pytest.approx(white.results[0].robust_accuracy)
+    # Papernot et al.: transferred examples are weaker than white-box ones
+    assert m.accuracy[0]["lmt"]["lenet"] >= m.accuracy[0]["lenet"]["lenet"]
+    png = m.plot(tmp_path / "transfer.png")
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_errors(two_models):
+    models, test = two_models
+    with pytest.raises(rl.ConfigError, match="at least two models"):
+        transfer_matrix({"one": models["lenet"]}, test, eps=[0.1])
+    with pytest.raises(rl.ConfigError, match="at least one eps"):
+        transfer_matrix(models, test, eps=[])
+
+
+def test_cli_transfer_writes_json_and_png_and_never_overwrites(tiny_config, tmp_path, capsys):
+    from robustlab.cli import main
+    from robustlab.train import Trainer
+
+    a = Trainer(tiny_config("epochs=1", "name=a")).fit()
+    b = Trainer(tiny_config("epochs=1", "name=b", "seed=1")).fit()
+    out = tmp_path / "matrix.json"
+    argv = ["transfer", str(a), str(b), "--eps", "0.05", "--n", "16", "--attacks", "fgsm",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    saved = json.loads(out.read_text())
+    assert saved["names"] == ["a", "b"] and set(saved["accuracy"][0]["a"]) == {"a", "b"}
+    assert out.with_suffix(".png").is_file()
+    before = out.read_text()
+    capsys.readouterr()
+    assert main(argv) == 2 and "exists" in capsys.readouterr().err
+    assert out.read_text() == before
+    assert main([*argv, "--overwrite"]) == 0
