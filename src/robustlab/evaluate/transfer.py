@@ -66,7 +66,7 @@ class TransferMatrix:
         plt = _pyplot()
         k = len(self.names)
         fig, axes = plt.subplots(
-            1, len(self.eps), figsize=(1.2 + 1.1 * k * len(self.eps), 1.0 + 0.9 * k),
+            1, len(self.eps), figsize=(2.0 + 1.2 * k * len(self.eps), 1.2 + 0.9 * k),
             squeeze=False,
         )  # fmt: skip
         for ax, e, acc in zip(axes[0], self.eps, self.accuracy):
@@ -77,9 +77,10 @@ class TransferMatrix:
                     ax.text(c, r, f"{grid[r][c]:.0f}", ha="center", va="center",
                             color="white" if grid[r][c] < 50 else "black", fontsize=8)  # fmt: skip
             ax.set_xticks(range(k), self.names, rotation=45, ha="right", fontsize=8)
-            ax.set_yticks(range(k), self.names, fontsize=8)
+            ax.set_yticks(range(k), self.names if ax is axes[0][0] else [], fontsize=8)
             ax.set_xlabel("target (scored on)")
-            ax.set_ylabel("source (attacked)")
+            if ax is axes[0][0]:
+                ax.set_ylabel("source (attacked)")
             ax.set_title(f"eps {e:g}: robust accuracy (%)", fontsize=9)
         fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="robust accuracy (%)")
         path = Path(path)
