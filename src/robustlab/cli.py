@@ -83,6 +83,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     run = Run(args.run).require()
     eps = _split_floats(args.eps)
+    if args.transfer_from and not eps:
+        raise ConfigError("--transfer-from needs --eps (the budgets to attack the sources at)")
+    sources = [Run(s).require() for s in args.transfer_from or []]  # checked before any work
     model = _defended(load(run.path, device=_device(args.device)), args.defense)
     data, name = _load_run_data(run.path, args.split, args.n)
     result: dict = {"split": args.split, "n": len(data)}
@@ -103,6 +106,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             )  # fmt: skip
             result.update(clean_accuracy=report.clean_accuracy, robust=report.to_dict())
             print(report.table())
+            for src in sources:  # black-box: examples made on the source, scored here
+                transfer = evaluate(
+                    model, data, attacks=attacks, eps=eps, norm=args.norm,
+                    batch_size=args.batch_size, seed=args.seed, checks=False,
+                    transfer_from=load(src.path, device=_device(args.device)),
+                )  # fmt: skip
+                result.setdefault("transfer", {})[str(src.path)] = transfer.to_dict()
+                print(f"transfer from {src.path}:")
+                print(transfer.table())
         path = run.write_output(EVAL_FILE, result)
     print(f"written         {path}")
     return 0
@@ -449,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eot-samples", type=_positive_int, default=10, help="EOT draws for randomized defenses"
     )
+    p.add_argument(
+        "--transfer-from", nargs="+", metavar="SRC",
+        help="also score examples made on these runs (black-box transfer), one table each",
+    )  # fmt: skip
     p.add_argument(
         "--checks", default="cheap", choices=["cheap", "full", "off"],
         help="validity checks: cheap (default; a few passes on 32 points), full (adds an "

@@ -77,3 +77,22 @@ def test_cli_transfer_writes_json_and_png_and_never_overwrites(tiny_config, tmp_
     assert main(argv) == 2 and "exists" in capsys.readouterr().err
     assert out.read_text() == before
     assert main([*argv, "--overwrite"]) == 0
+
+
+def test_cli_eval_transfer_from_adds_one_table_per_source(tiny_config, capsys):
+    from robustlab.cli import main
+    from robustlab.train import Trainer
+
+    a = Trainer(tiny_config("epochs=1", "name=a")).fit()
+    b = Trainer(tiny_config("epochs=1", "name=b", "seed=1")).fit()
+    argv = ["eval", str(a), "--eps", "0.05", "--n", "16", "--attacks", "fgsm"]
+    assert main([*argv, "--transfer-from", str(b)]) == 0
+    assert f"transfer from {b}" in capsys.readouterr().out
+    saved = json.loads((a / "eval.json").read_text())
+    transfer = saved["transfer"][str(b)]
+    # examples made on b are weaker on a than a's own (white-box) examples, never stronger
+    # by more than noise on 16 points
+    white = saved["robust"]["results"][0]["robust_accuracy"]
+    assert transfer["results"][0]["robust_accuracy"] >= white - 2 / 16
+    assert main(["eval", str(a), "--transfer-from", str(b)]) == 2
+    assert "--transfer-from needs --eps" in capsys.readouterr().err
