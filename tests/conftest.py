@@ -75,3 +75,21 @@ def lmt_mnist_model(tmp_path_factory):
     ]  # fmt: skip
     run = Trainer(load_config(None, overrides)).fit()
     return rl.load(run), rl.load_dataset("mnist5k", "test")
+
+
+@pytest.fixture(scope="session")
+def pgd_mnist_model(tmp_path_factory):
+    """small_cnn adversarially trained (PGD-3, L-inf 0.3, 2 epochs) on mnist5k, and the
+    test split: a robust model for checks that must not fire on one."""
+    import robustlab as rl
+    from robustlab.config import load_config
+    from robustlab.train import Trainer
+
+    overrides = [
+        f"out_dir={tmp_path_factory.mktemp('pgd')}", "name=pgd", "epochs=2",
+        "data.name=mnist5k", "data.batch_size=64", "model.name=small_cnn",
+        "optim.name=adam", "optim.lr=0.001", "recipe.name=pgd",
+        "recipe.options={eps: 0.3, steps: 3, eps_ramp_epochs: 1}",
+    ]  # fmt: skip
+    run = Trainer(load_config(None, overrides)).fit()
+    return rl.load(run), rl.load_dataset("mnist5k", "test")

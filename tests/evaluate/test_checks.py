@@ -45,11 +45,15 @@ def points(trained_mnist_model):
     return model, test.float_images(slice(0, 32)), test.y[:32]
 
 
-def test_clean_models_trip_nothing(points, lmt_mnist_model):
+def test_clean_models_trip_nothing(points, lmt_mnist_model, pgd_mnist_model):
     model, x, y = points
     assert set(verdicts(model, x, y, eps=0.1).values()) == {"pass"}
-    robust, _ = lmt_mnist_model
-    assert set(verdicts(robust, x, y, eps=0.1).values()) == {"pass"}
+    for robust, _ in (lmt_mnist_model, pgd_mnist_model):  # certified-margin and PGD-trained
+        assert set(verdicts(robust, x, y, eps=0.1).values()) == {"pass"}
+    data = rl.ImageDataset(x, y, num_classes=10)
+    pgd_model, _ = pgd_mnist_model
+    report = rl.evaluate(pgd_model, data, attacks=["pgd:steps=10"], eps=[0.1, 0.3])
+    assert not report.validity.flagged, report.validity.table()
     # legitimate oddities that are not masking: non-negative logits that are not
     # probabilities, and a model that looks only at the centre (zero gradient on 75%)
     shifted = Wrap(model, after=lambda z: z - z.amin(1, keepdim=True))
