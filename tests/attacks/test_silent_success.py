@@ -89,3 +89,18 @@ def test_first_step_counts_the_steps_of_earlier_restarts():
             restarts=2).run(x, y)  # fmt: skip
     assert r.success.tolist() == [True]
     assert r.first_step.tolist() == [4 + 2]  # all of restart 1, then 2 steps of restart 2
+
+
+def test_apgd_first_step_agrees_with_success_and_counts_runs(trained_mnist_model):
+    from robustlab.attacks import APGD, APGDT
+
+    model, test = trained_mnist_model
+    x, y = test.float_images(slice(0, 48)), test.y[:48]
+    for attack in (APGD(model, eps=0.1, steps=10, restarts=2, seed=0),
+                   APGDT(model, eps=0.1, steps=10, n_target_classes=3, seed=0)):  # fmt: skip
+        r = attack.run(x, y)
+        assert torch.equal(r.success, r.first_step >= 0)
+        with torch.no_grad():
+            assert torch.equal(r.success, model(r.x_adv).argmax(1) != y)  # honest success
+        runs = 2 if isinstance(attack, APGD) and not isinstance(attack, APGDT) else 3
+        assert int(r.first_step.max()) <= runs * 10

@@ -79,10 +79,11 @@ class APGD(Attack):
         check_loss(loss)
         self.steps, self.loss, self.restarts, self.rho = steps, loss, restarts, rho
 
-    # One run of Algorithm 1 on a batch; returns (x_out, fooled).
+    # One run of Algorithm 1 on a batch; returns (x_out, fooled, first_step), first_step
+    # being the iterations taken before each point first fooled the model (-1: never).
     def _apgd(
         self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, b = self.steps, x.shape[0]
         period, min_period, decrement = (
             max(int(0.22 * n), 1),
@@ -101,6 +102,7 @@ class APGD(Attack):
 
         loss, grad, logits = self.loss_and_grad(x_adv, y, target, self.loss)
         fooled = self.is_success(logits, y, target)
+        first = torch.where(fooled, 0, -1)
         x_adv_best = torch.where(_view(fooled, x), x_adv, x)
         x_best, loss_best, grad_best = x_adv.clone(), loss.clone(), grad.clone()
         loss_best_at_check = loss_best.clone()
@@ -132,6 +134,7 @@ class APGD(Attack):
                 loss, grad, logits = self.loss_and_grad(x_adv, y, target, self.loss)
                 newly = self.is_success(logits, y, target) & ~fooled
             x_adv_best[newly] = x_adv[newly]
+            first[newly] = i + 1
             fooled |= newly
             increases += (loss > prev_loss).float()
             prev_loss = loss
@@ -151,16 +154,19 @@ class APGD(Attack):
                 halved_at_check, loss_best_at_check = halve, loss_best.clone()
                 increases.zero_()
                 since_check, period = 0, max(period - decrement, min_period)
-        return torch.where(_view(fooled, x), x_adv_best, x_best), fooled
+        return torch.where(_view(fooled, x), x_adv_best, x_best), fooled, first
 
     def _perturb(self, x, y, target, need_success):
         out = x.clone()
         success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for idx in still_robust(success, self.restarts):
-            x_run, fooled = self._apgd(x[idx], y[idx], target[idx] if target is not None else None)
+        first_step = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        for run, idx in enumerate(still_robust(success, self.restarts)):
+            t = target[idx] if target is not None else None
+            x_run, fooled, first = self._apgd(x[idx], y[idx], t)
             out[idx] = x_run
             success[idx] = fooled
-        return out, success
+            first_step[idx[fooled]] = run * self.steps + first[fooled]
+        return out, success, first_step
 
 
 @ATTACKS.register("apgd-t")
@@ -192,12 +198,16 @@ class APGDT(APGD):
         k = order.shape[1]
         out = x.clone()
         success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        first_step = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        runs = 0  # APGD runs so far (targets x restarts), each of self.steps iterations
         for rank in range(1, min(self.n_target_classes + 1, k)):
             for idx in still_robust(success, self.restarts):
-                x_run, fooled = self._apgd(x[idx], y[idx], order[idx, rank])
+                x_run, fooled, first = self._apgd(x[idx], y[idx], order[idx, rank])
                 out[idx[fooled]] = x_run[fooled]
                 success[idx] = fooled
-        return out, success
+                first_step[idx[fooled]] = runs * self.steps + first[fooled]
+                runs += 1
+        return out, success, first_step
 
     def is_success(
         self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None

@@ -58,9 +58,9 @@ class AttackResult(NamedTuple):
 
     x_adv: torch.Tensor  #: adversarial examples, same shape/dtype/device as the input
     success: torch.Tensor  #: bool (B,): misclassified (untargeted) or target reached (targeted)
-    #: long (B,): gradient steps taken (over all restarts) before each point first fooled
-    #: the model, 0 for its starting point, -1 where it never did; None where the attack
-    #: does not count steps
+    #: long (B,): gradient steps taken (over all restarts; for APGD-T, all targets) before
+    #: each point first fooled the model, 0 for its starting point, -1 where it never
+    #: did; None where the attack does not count steps (PGD, BIM, APGD and APGD-T do)
     first_step: torch.Tensor | None = None
 
 
