@@ -402,6 +402,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """The options every command that attacks a run's data shares."""
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--n", type=int, default=0, help="use the first N images (default: all)")
+    p.add_argument("--batch-size", type=_positive_int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="robustlab",
@@ -514,24 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", default="pgd:steps=20", help="attacks run on each source")
     p.add_argument("--out", required=True, help="JSON file to write (and a .png heatmap beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--n", type=int, default=0, help="use the first N images (default: all)")
-    p.add_argument("--batch-size", type=_positive_int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    _add_data_args(p)
     p.set_defaults(func=_cmd_transfer)
 
     p = sub.add_parser("compare", help="clean and robust accuracy of several runs side by side")
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--attacks", default="quick", help="attacks or suites (default: quick)")
     p.add_argument("--eps", required=True, help="comma-separated budgets, e.g. 0.1,0.2,0.3")
-    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--n", type=int, default=0, help="use the first N images (default: all)")
-    p.add_argument("--batch-size", type=_positive_int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    _add_data_args(p)
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("certify", help="Lipschitz bound and certified L2 accuracy of a run")
