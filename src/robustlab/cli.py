@@ -122,6 +122,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_detect(args: argparse.Namespace) -> int:
     from robustlab.defenses.detector import SqueezeDetector
+    from robustlab.evaluate.clean import model_device
     from robustlab.evaluate.detection import evaluate_detector
     from robustlab.io import DETECT_FILE, Run, load
 
@@ -147,7 +148,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         print(f"run             {run.path}")
         print(f"data            {name} {args.split}: {n} evaluated, the last {args.fit_n} fit "
               f"the threshold at {args.fpr:g} false positives")  # fmt: skip
-        detector.fit(held_out.to(_model_device(model)), fpr=args.fpr)
+        detector.fit(held_out.to(model_device(model)), fpr=args.fpr)
         report = evaluate_detector(
             model, detector, data, eps=eps, norm=args.norm, n=n, steps=args.steps,
             restarts=args.restarts, batch_size=args.batch_size, seed=args.seed,
@@ -192,12 +193,6 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     matrix.plot(png)
     print(f"written         {out}, {png}")
     return 0
-
-
-def _model_device(model):
-    from robustlab.evaluate.clean import model_device
-
-    return model_device(model)
 
 
 def _device(name: str | None):

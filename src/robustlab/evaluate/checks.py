@@ -287,20 +287,30 @@ def noise_accuracy(
     draws: int = 4,
     output: OutputSpec = None,
     seed: int = 0,
+    batch_size: int = 256,
 ) -> list[float]:
     """Accuracy under random sign noise of L-inf size ``eps`` (a point counts as correct
-    only if it survives every one of ``draws`` draws), per eps."""
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    out = []
+    only if it survives every one of ``draws`` draws), per eps. ``x`` may be uint8 images
+    (converted per batch) on any device; the model's device is used."""
+    from robustlab.data.base import to_float
+    from robustlab.evaluate.clean import model_device
+
+    dev = model_device(model) if isinstance(model, nn.Module) else x.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    correct = [0] * len(eps)
     with preserve_modes(model, training=False):
-        for e in eps:
-            ok = _logits(model, x, output).argmax(1) == y
-            for _ in range(draws):
-                sign = torch.randint(0, 2, x.shape, generator=gen, device=x.device).to(x.dtype)
-                xn = (x + e * (2 * sign - 1)).clamp(0, 1)
-                ok &= _logits(model, xn, output).argmax(1) == y
-            out.append(float(ok.float().mean()))
-    return out
+        for i in range(0, len(x), batch_size):
+            xb, yb = to_float(x[i : i + batch_size]).to(dev), y[i : i + batch_size].to(dev)
+            gen.manual_seed(seed)  # per batch: noise depends on a point's place in its batch
+            clean = _logits(model, xb, output).argmax(1) == yb
+            for k, e in enumerate(eps):
+                ok = clean.clone()
+                for _ in range(draws):
+                    sign = torch.randint(0, 2, xb.shape, generator=gen, device=dev).to(xb.dtype)
+                    xn = (xb + e * (2 * sign - 1)).clamp(0, 1)
+                    ok &= _logits(model, xn, output).argmax(1) == yb
+                correct[k] += int(ok.sum())
+    return [c / len(x) for c in correct]
 
 
 def _steps(spec: Any) -> int | None:
