@@ -41,6 +41,33 @@ def test_pgd_returns_the_adversarial_iterate_it_walked_past(need_success):
     assert int(Window()(x_adv).argmax(1)) == 1
 
 
+def test_a_label_free_pgd_returns_its_last_iterate_and_has_no_success():
+    # the same walk through the window; a label-free loss (TRADES' KL) wants the last
+    # iterate, 0.8, not the adversarial one the walk passed
+    x, y = torch.full((1, 1, 1, 1), 0.3, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
+    attack = PGD(Window(), eps=0.5, steps=5, step_size=0.1, random_start=False,
+                 loss=grows_with_p, label_free=True)  # fmt: skip
+    assert float(attack(x, y)) == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="label_free"):
+        attack.run(x, y)
+    for bad in ({"restarts": 2}, {"early_stop": True}):
+        with pytest.raises(ValueError, match="restarts=1 and early_stop=False"):
+            PGD(Window(), eps=0.5, loss=grows_with_p, label_free=True, **bad)
+
+
+def test_a_gaussian_start_is_projected_onto_the_ball():
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 4, 4)
+    start = PGD(nn.Flatten(), eps=0.01, steps=1, random_start=0.5)._start(x)
+    assert float((start - x).abs().max()) == pytest.approx(0.01)  # N(0, 0.25) mostly beyond
+    assert float(start.min()) >= 0 and float(start.max()) <= 1
+    small = PGD(nn.Flatten(), eps=0.5, steps=1, random_start=0.001)._start(x) - x
+    assert 0.0005 < float(small.std()) < 0.002
+    for bad in (0.0, -1.0, 1, "yes", float("nan")):
+        with pytest.raises(ValueError, match="random_start"):
+            PGD(nn.Flatten(), eps=0.1, random_start=bad)
+
+
 def test_the_last_iterate_is_kept_when_it_fools_too():
     # start 0.3, steps of 0.1, 4 steps: the last iterate 0.7 is outside the window, but with
     # 3 steps the last one (0.6) is inside: it is returned as it is

@@ -127,7 +127,7 @@ def test_trades_inner_maximisation_raises_the_kl_and_stays_in_the_ball():
     model = rl.create_model("mlp", in_channels=1, input_size=6, hidden=[16], num_classes=4)
     x = torch.rand(32, 1, 6, 6)
     recipe = create_recipe("trades", eps=0.2, steps=10)
-    x_adv = recipe.make_adversarial(model, x)
+    x_adv = recipe.make_adversarial(model, x, torch.zeros(32, dtype=torch.long))
     assert float((x_adv - x).abs().max()) <= 0.2 + 1e-6
     with torch.no_grad():
         clean = model(x)
@@ -135,6 +135,41 @@ def test_trades_inner_maximisation_raises_the_kl_and_stays_in_the_ball():
         kl_adv = kl_clean_adv(clean, model(x_adv)).mean()
         kl_noise = kl_clean_adv(clean, model(noise)).mean()
     assert kl_adv > 5 * kl_noise
+
+
+def _trades_paper_inner_max(model, x, eps, steps, step):
+    """TRADES' inner maximisation written out from the paper (independent of PGD)."""
+    with torch.no_grad():
+        p_clean = torch.softmax(model(x), 1)
+    x_adv = (x + 0.001 * torch.randn_like(x)).clamp(x - eps, x + eps).clamp(0, 1)
+    for _ in range(steps):
+        xa = x_adv.detach().requires_grad_(True)
+        log_q = torch.log_softmax(model(xa), 1)
+        kl = torch.nn.functional.kl_div(log_q, p_clean, reduction="sum")
+        (grad,) = torch.autograd.grad(kl, xa)
+        x_adv = torch.min(torch.max(xa.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    return x_adv
+
+
+@pytest.mark.parametrize("labels", ["true", "wrong"])
+def test_trades_inner_maximisation_is_the_papers_and_ignores_the_labels(labels):
+    torch.manual_seed(0)
+    # float64: near the start the KL's gradient is second-order small, and float32 rounding
+    # flips the sign of a few of its components between two correct computations
+    model = rl.create_model(
+        "small_cnn", in_channels=1, num_classes=10, input_size=8, bn=True
+    ).double()
+    model.train()  # the recipe attacks in eval mode (batch norm frozen) and puts the mode back
+    x = torch.rand(16, 1, 8, 8, dtype=torch.float64)
+    y = torch.arange(16) % 10 if labels == "true" else (torch.arange(16) + 3) % 10
+    recipe = create_recipe("trades", eps=0.1, steps=5, step_size=0.03)
+    torch.manual_seed(1)
+    got = recipe.make_adversarial(model, x, y)
+    assert model.training
+    model.eval()
+    torch.manual_seed(1)
+    want = _trades_paper_inner_max(model, x, 0.1, 5, 0.03)
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
 
 
 def test_smooth_gradient_ablation_switches_attacker_and_optimizer_separately():

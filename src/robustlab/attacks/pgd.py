@@ -40,10 +40,17 @@ class PGD(Attack):
         steps: iterations per restart.
         step_size: step length; default ``2.5 * eps / steps`` (Madry et al.'s rule).
         norm: ``"linf"`` or ``"l2"``.
-        random_start: start from a uniform random point of the ball.
+        random_start: ``True``: start from a uniform random point of the ball; ``False``:
+            from the clean point; a float ``s``: from ``x + s * N(0, I)`` projected onto
+            the ball (TRADES' start, s = 0.001).
         restarts: independent runs; the best per sample is kept.
         loss: ``ce``, ``margin`` (CW) or ``dlr``, or a function ``(logits, y, target) ->
             (B,)`` to maximise (see :func:`~robustlab.attacks.base.attack_loss`).
+        label_free: the loss is not about misclassification (TRADES' KL between the clean
+            and the adversarial prediction): no iterate is judged, the last one is
+            returned as it is, and :meth:`run` (which reports success) is refused. Needs
+            ``restarts=1`` and ``early_stop=False``; the loss function always sees the
+            whole batch, in the caller's order.
         early_stop: freeze each sample at its first adversarial iterate and drop it from
             the remaining forward/backward passes (what robust evaluation wants: far
             cheaper on weak models; off by default, where the highest-loss point is wanted).
@@ -67,13 +74,27 @@ class PGD(Attack):
         steps: int = 10,
         step_size: float | None = None,
         norm: str = "linf",
-        random_start: bool = True,
+        random_start: bool | float = True,
         restarts: int = 1,
         loss: str | LossFn = "ce",
         early_stop: bool = False,
+        label_free: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, eps=eps, norm=norm, **kwargs)
+        if not isinstance(random_start, bool) and not (
+            isinstance(random_start, float) and math.isfinite(random_start) and random_start > 0
+        ):
+            raise AttackError(
+                f"random_start must be True, False or a noise scale > 0 (a float), "
+                f"got {random_start!r}"
+            )
+        if label_free and (restarts != 1 or early_stop):
+            raise AttackError(
+                "label_free (a loss that is not about misclassification) needs restarts=1 and "
+                "early_stop=False: both judge iterates by success"
+            )
+        self.label_free = label_free
         self.early_stop = early_stop
         if steps < 1 or restarts < 1:
             raise ValueError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
@@ -97,8 +118,14 @@ class PGD(Attack):
         last iterate decides, over the whole batch so that batch norm in train mode sees
         the batch the steps saw). With ``early_stop`` each sample stops there.
         """
-        x_adv = random_start(x, self.eps, self.norm, self.generator) if self.random_start else x
+        x_adv = self._start(x)
         first = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        if self.label_free:  # nothing to judge: plain ascent, the last iterate
+            for _ in range(self.steps):
+                _, grad, _ = self.loss_and_grad(x_adv, y, target, self.loss)
+                x_adv = project(x_adv + self.step_size * normalize_step(grad, self.norm), x,
+                                self.eps, self.norm)  # fmt: skip
+            return x_adv, first
         if not self.early_stop:
             x_found = None
             for t in range(self.steps):
@@ -130,7 +157,20 @@ class PGD(Attack):
                 break
         return x_adv, first
 
+    def _start(self, x: torch.Tensor) -> torch.Tensor:
+        if self.random_start is False:
+            return x
+        if self.random_start is True:
+            return random_start(x, self.eps, self.norm, self.generator)
+        noise = torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        return project(x + self.random_start * noise, x, self.eps, self.norm)
+
     def _perturb(self, x, y, target, need_success):
+        if need_success and self.label_free:
+            raise AttackError(
+                "this PGD maximises a label-free loss (label_free=True): it has no notion of "
+                "success, so run() is refused; call the attack for the points"
+            )
         if self.restarts == 1 and not need_success:
             return self._ascend(x, y, target)[0], None
         best = x.clone()

@@ -8,16 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustlab.attacks.base import normalize_step, project
 from robustlab.errors import ConfigError
 from robustlab.nn.adapt import preserve_modes
 from robustlab.train.recipes.base import RECIPES, AdversarialRecipe
 
 
 def kl_clean_adv(logits_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``KL(softmax(clean) || softmax(adv))``."""
-    log_p = F.log_softmax(logits_clean.float(), 1)
-    log_q = F.log_softmax(logits_adv.float(), 1)
+    """Per-sample ``KL(softmax(clean) || softmax(adv))``, in at least float32 (half and
+    bfloat16 logits are promoted; float64 stays float64)."""
+    dtype = torch.promote_types(logits_adv.dtype, torch.float32)
+    log_p = F.log_softmax(logits_clean.to(dtype), 1)
+    log_q = F.log_softmax(logits_adv.to(dtype), 1)
     return (log_p.exp() * (log_p - log_q)).sum(1)
 
 
@@ -55,24 +56,26 @@ class TRADESTraining(AdversarialRecipe):
         if step_size is not None and not float(step_size) > 0:
             raise ConfigError(f"trades recipe: step_size must be > 0, got {step_size}")
 
-    def make_adversarial(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        eps, step = self.current_eps(), self.step_size * self.ramp()
-        if eps == 0:
-            return x
+    def make_adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The inner maximisation, through the library's PGD with a label-free loss."""
         net = self.unwrap(model)
-        with preserve_modes(net, training=False), self.attacking(model), torch.enable_grad():
-            with torch.no_grad():
-                clean = net(x)
-            x_adv = project(x + 0.001 * torch.randn_like(x), x, eps, self.norm)
-            for _ in range(self.steps):
-                xa = x_adv.detach().requires_grad_(True)
-                (grad,) = torch.autograd.grad(kl_clean_adv(clean, net(xa)).sum(), xa)
-                moved = xa.detach() + step * normalize_step(grad, self.norm)
-                x_adv = project(moved, x, eps, self.norm)
-        return x_adv.detach()
+        if self.current_eps() == 0:
+            return x
+        with self.attacking(model), preserve_modes(net, training=False), torch.no_grad():
+            clean = net(x)  # the fixed target distribution, as the PGD will see it (eval mode)
+
+        def kl_to_clean(logits: torch.Tensor, y: torch.Tensor, target: object) -> torch.Tensor:
+            if logits.shape[0] != clean.shape[0]:  # label_free PGD never takes a subset
+                raise RuntimeError("TRADES' KL loss was given a subset of the batch")
+            return kl_clean_adv(clean, logits)
+
+        return self.pgd_example(
+            model, x, y, steps=self.steps, step_size=self.step_size,
+            loss=kl_to_clean, label_free=True, random_start=0.001,
+        )  # fmt: skip
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        x_adv = self.make_adversarial(model, x)
+        x_adv = self.make_adversarial(model, x, y)
         b = x.shape[0]
         with self.optimizing(model):
             logits = model(torch.cat([x, x_adv]))
