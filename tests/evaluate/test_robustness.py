@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from itertools import pairwise
 
@@ -44,7 +45,9 @@ def test_points_left_robust_resist_the_attack_and_broken_ones_were_broken(traine
     assert torch.equal(report.robust[0.1], clean_ok & ~direct)
 
 
-def test_resume_from_state_file_gives_the_same_report(trained_mnist_model, tmp_path):
+def test_resume_from_state_file_gives_the_same_report(trained_mnist_model, tmp_path, monkeypatch):
+    robustness = importlib.import_module("robustlab.evaluate.robustness")
+
     model, test = trained_mnist_model
     kw = dict(attacks=["pgd:steps=3", "fgsm"], eps=[0.05, 0.1], n=90, batch_size=32, seed=1)
     state = tmp_path / "state.json"
@@ -55,8 +58,15 @@ def test_resume_from_state_file_gives_the_same_report(trained_mnist_model, tmp_p
     saved["stages"]["1/0"].update(done=False, next=32)
     del saved["stages"]["1/1"]
     state.write_text(json.dumps(saved))
+    batches: list[tuple[int, int, int]] = []  # (eps, attack, first point) of each batch run
+    seed_of = robustness.batch_seed
+    monkeypatch.setattr(robustness, "batch_seed", lambda *a: batches.append(a[1:]) or seed_of(*a))
     resumed = evaluate(model, test, state_file=state, **kw)
     assert [r.robust_accuracy for r in resumed.results] == [r.robust_accuracy for r in full.results]
+    # only what was left ran: the second eps's first attack from its second batch, then
+    # the second attack; nothing of the first eps
+    assert batches and all(b[:2] in ((1, 0), (1, 1)) for b in batches), batches
+    assert min(b[2] for b in batches if b[:2] == (1, 0)) == 32, batches
     # a state file from other settings is ignored, not trusted
     other = evaluate(model, test, state_file=state, **{**kw, "seed": 2})
     assert json.loads(state.read_text())["signature"] != saved["signature"]

@@ -524,100 +524,85 @@ def _score(
     return (wrong > 0).cpu(), (2 * wrong > draws).cpu()
 
 
+@dataclass
+class _Context:
+    """What every stage of one evaluation shares (fixed for the whole run)."""
+
+    model: nn.Module  #: the evaluated model (scores randomized and transfer examples)
+    target: nn.Module  #: what the attacks run on (the model, its fast copy, or a surrogate)
+    scorer: nn.Module | None  #: transfer: the model that decides success
+    x_all: torch.Tensor
+    y_all: torch.Tensor
+    norm: str
+    batch_size: int
+    seed: int
+    dev: torch.device
+    progress: bool | None
+    common: dict[str, Any]  #: options given to every attack
+    draws: int  #: forward passes each adversarial example is scored over
+
+
+class _State:
+    """The resumable record of an evaluation: per stage (eps, attack) how far it got, and
+    per eps the robust masks; written atomically to ``path`` after every batch."""
+
+    def __init__(self, data: dict[str, Any], path: Path | None) -> None:
+        self.data, self.path = data, path
+        data.setdefault("majority", {})
+
+    def stage(self, key: str) -> dict[str, Any]:
+        return self.data["stages"].get(
+            key, {"next": 0, "broken": 0, "attacked": 0, "seconds": 0.0, "done": False}
+        )
+
+    def masks(
+        self, key: str, robust: torch.Tensor, majority: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The saved masks of eps ``key``, or copies of the ones carried from below."""
+
+        def restored(table: str, default: torch.Tensor) -> torch.Tensor:
+            saved = self.data[table].get(key)
+            return default.clone() if saved is None else torch.tensor(saved, dtype=torch.bool)
+
+        return restored("robust", robust), restored("majority", majority)
+
+    def save(self, key: str, stage: dict[str, Any], robust: torch.Tensor,
+             majority: torch.Tensor) -> None:  # fmt: skip
+        eps_key = key.split("/")[0]
+        self.data["stages"][key] = stage
+        self.data["robust"][eps_key] = robust.tolist()
+        self.data["majority"][eps_key] = majority.tolist()
+        if self.path is not None:
+            from robustlab.io import write_json
+
+            write_json(self.path, self.data)
+
+
 def _run_stages(
     model, specs, eps_list, norm, batch_size, seed, dev, progress, common, target,
     x_all, y_all, clean_ok, state, path, scorer=None, draws=1, clean_majority=None,
     randomized=False,
 ) -> EvalReport:  # fmt: skip
     """The stage loop: for each eps (increasing), each attack runs on the points still
-    robust and breaks what it can. ``robust`` is the worst case; with ``draws`` > 1 (a
-    randomized model) every adversarial example is re-scored over that many forward
-    passes: broken in the worst case if any pass misclassifies it, broken by majority
-    vote if most do. Points are attacked while robust by majority vote, so both figures
-    see every attack."""
-    n = len(y_all)
+    robust and breaks what it can (:func:`_run_stage`); then :func:`_assemble` builds
+    the report. ``robust`` is the worst case; with ``draws`` > 1 (a randomized model)
+    every adversarial example is re-scored over that many forward passes: broken in the
+    worst case if any pass misclassifies it, broken by majority vote if most do. Points
+    are attacked while robust by majority vote, so both figures see every attack."""
+    ctx = _Context(model, target, scorer, x_all, y_all, norm, batch_size, seed, dev, progress,
+                   common, draws)  # fmt: skip
+    store = _State(state, path)
     clean_majority = clean_ok if clean_majority is None else clean_majority
-    state.setdefault("majority", {})
-
-    def save_state() -> None:
-        if path is not None:
-            from robustlab.io import write_json
-
-            write_json(path, state)
-
-    def restored(key: str, table: str, default: torch.Tensor) -> torch.Tensor:
-        saved = state[table].get(key)
-        return default.clone() if saved is None else torch.tensor(saved, dtype=torch.bool)
-
     results: list[EpsResult] = []
     robust_masks: dict[float, torch.Tensor] = {}
-    warnings: list[str] = []
     # robust so far: a point broken at a smaller eps stays broken above it
-    carried, carried_majority = clean_ok, clean_majority
+    robust, majority = clean_ok, clean_majority
     for ei, e in enumerate(eps_list):
-        key_e = f"{ei}"
-        robust = restored(key_e, "robust", carried)
-        majority = restored(key_e, "majority", carried_majority)
-        stages: list[StageResult] = []
-        for ai, spec in enumerate(specs):
-            key = f"{ei}/{ai}"
-            stage = state["stages"].get(
-                key, {"next": 0, "broken": 0, "attacked": 0, "seconds": 0.0, "done": False}
-            )
-            if not stage["done"]:
-                if stage["next"] == 0:
-                    todo = majority.nonzero()[:, 0]
-                    stage["attacked"] = int(todo.numel())
-                    stage["targets"] = todo.tolist()
-                targets = torch.tensor(stage["targets"], dtype=torch.long)
-                batches = range(stage["next"], len(targets), batch_size)
-                bar = tqdm(
-                    batches,
-                    desc=f"eps {e:g} {spec.label}",
-                    leave=False,
-                    disable=None if progress is None else not progress,
-                )
-                for start in bar:
-                    t0 = time.perf_counter()
-                    idx = targets[start : start + batch_size]
-                    s = batch_seed(seed, ei, ai, start)
-                    torch.manual_seed(s)
-                    attack = spec.build(target, e, norm, s, **common)
-                    x = to_float(x_all[idx]).to(dev)
-                    y = y_all[idx].to(dev)
-                    result = attack.run(x, y)
-                    if scorer is None and draws == 1:
-                        broken_any = broken_majority = result.success.cpu()
-                    else:  # transfer, or a randomized model: score on the evaluated model
-                        broken_any, broken_majority = _score(
-                            scorer if scorer is not None else model, result.x_adv, y, draws
-                        )
-                    stage["broken"] += int((robust[idx] & broken_any).sum())
-                    robust[idx[broken_any]] = False
-                    majority[idx[broken_majority]] = False
-                    stage["next"] = start + batch_size
-                    stage["seconds"] += time.perf_counter() - t0
-                    state["stages"][key] = stage
-                    state["robust"][key_e], state["majority"][key_e] = (
-                        robust.tolist(), majority.tolist(),
-                    )  # fmt: skip
-                    save_state()
-                stage["done"] = True
-                stage["robust_after"] = float(robust.float().mean())
-                state["stages"][key] = stage
-                state["robust"][key_e], state["majority"][key_e] = (
-                    robust.tolist(), majority.tolist(),
-                )  # fmt: skip
-                save_state()
-            stages.append(
-                StageResult(
-                    spec.label,
-                    stage["broken"],
-                    stage["robust_after"],
-                    stage["attacked"],
-                    round(stage["seconds"], 3),
-                )
-            )
+        robust, majority = store.masks(f"{ei}", robust, majority)
+        stages = [
+            _run_stage(ctx, store, ei, e, ai, spec, robust, majority)
+            for ai, spec in enumerate(specs)
+        ]
         robust_masks[e] = robust.clone()
         results.append(
             EpsResult(
@@ -625,20 +610,75 @@ def _run_stages(
                 float(majority.float().mean()) if draws > 1 else None,
             )
         )  # fmt: skip
-        carried, carried_majority = robust, majority
-    if randomized and int(common.get("eot_samples", 1)) < 2:
+    return _assemble(ctx, specs, results, robust_masks, clean_majority, randomized)
+
+
+def _run_stage(
+    ctx: _Context, store: _State, ei: int, e: float, ai: int, spec: AttackSpec,
+    robust: torch.Tensor, majority: torch.Tensor,
+) -> StageResult:  # fmt: skip
+    """One attack at one eps, on the points robust (by majority vote) when it starts,
+    batch by batch, each batch seeded by its position; ``robust`` and ``majority`` are
+    updated in place and the state saved after every batch, so an interrupted stage
+    resumes at its next batch."""
+    key = f"{ei}/{ai}"
+    stage = store.stage(key)
+    if not stage["done"]:
+        if stage["next"] == 0:
+            todo = majority.nonzero()[:, 0]
+            stage["attacked"] = int(todo.numel())
+            stage["targets"] = todo.tolist()
+        targets = torch.tensor(stage["targets"], dtype=torch.long)
+        batches = range(stage["next"], len(targets), ctx.batch_size)
+        bar = tqdm(batches, desc=f"eps {e:g} {spec.label}", leave=False,
+                   disable=None if ctx.progress is None else not ctx.progress)  # fmt: skip
+        for start in bar:
+            t0 = time.perf_counter()
+            idx = targets[start : start + ctx.batch_size]
+            s = batch_seed(ctx.seed, ei, ai, start)
+            torch.manual_seed(s)
+            attack = spec.build(ctx.target, e, ctx.norm, s, **ctx.common)
+            x = to_float(ctx.x_all[idx]).to(ctx.dev)
+            y = ctx.y_all[idx].to(ctx.dev)
+            result = attack.run(x, y)
+            if ctx.scorer is None and ctx.draws == 1:
+                broken_any = broken_majority = result.success.cpu()
+            else:  # transfer, or a randomized model: score on the evaluated model
+                judge = ctx.scorer if ctx.scorer is not None else ctx.model
+                broken_any, broken_majority = _score(judge, result.x_adv, y, ctx.draws)
+            stage["broken"] += int((robust[idx] & broken_any).sum())
+            robust[idx[broken_any]] = False
+            majority[idx[broken_majority]] = False
+            stage["next"] = start + ctx.batch_size
+            stage["seconds"] += time.perf_counter() - t0
+            store.save(key, stage, robust, majority)
+        stage["done"] = True
+        stage["robust_after"] = float(robust.float().mean())
+        store.save(key, stage, robust, majority)
+    return StageResult(spec.label, stage["broken"], stage["robust_after"], stage["attacked"],
+                       round(stage["seconds"], 3))  # fmt: skip
+
+
+def _assemble(
+    ctx: _Context, specs: list[AttackSpec], results: list[EpsResult],
+    robust_masks: dict[float, torch.Tensor], clean_majority: torch.Tensor, randomized: bool,
+) -> EvalReport:  # fmt: skip
+    """The report of a finished stage loop, with the warning a randomized model earns
+    when its attacks used one draw per gradient."""
+    warnings: list[str] = []
+    if randomized and int(ctx.common.get("eot_samples", 1)) < 2:
         warnings.append(
             "the model's outputs vary between identical calls: it is randomised; "
-            + (f"each example was scored over {draws} draws, but " if draws > 1 else "")
+            + (f"each example was scored over {ctx.draws} draws, but " if ctx.draws > 1 else "")
             + "the attacks used one draw per gradient: attack it with EOT "
             "(attack_options={'eot_samples': k}, or evaluate it as a DefendedModel)"
         )
     for w in warnings:
         log.warning(w)
     return EvalReport(
-        n=n, norm=norm, clean_accuracy=float(clean_majority.float().mean()), results=results,
-        attacks=[s.label for s in specs], seed=seed, warnings=warnings, robust=robust_masks,
-        draws=draws,
+        n=len(ctx.y_all), norm=ctx.norm, clean_accuracy=float(clean_majority.float().mean()),
+        results=results, attacks=[s.label for s in specs], seed=ctx.seed, warnings=warnings,
+        robust=robust_masks, draws=ctx.draws,
     )  # fmt: skip
 
 
