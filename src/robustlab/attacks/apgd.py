@@ -184,7 +184,12 @@ class APGDT(APGD):
     name = "apgd-t"
 
     def __init__(
-        self, model: nn.Module, *, n_target_classes: int = 9, loss: str = "dlr", **kwargs: Any
+        self,
+        model: nn.Module,
+        *,
+        n_target_classes: int = 9,
+        loss: str | LossFn = "dlr",
+        **kwargs: Any,
     ) -> None:
         """Options as :class:`APGD` (targeted DLR loss by default) plus ``n_target_classes``."""
         if kwargs.get("targeted"):
