@@ -131,3 +131,65 @@ def test_apgd_first_step_agrees_with_success_and_counts_runs(trained_mnist_model
             assert torch.equal(r.success, model(r.x_adv).argmax(1) != y)  # honest success
         runs = 2 if isinstance(attack, APGD) and not isinstance(attack, APGDT) else 3
         assert int(r.first_step.max()) <= runs * 10
+
+
+class Capped(nn.Module):
+    """One pixel p. z0 = 0, z1 = 10 min(p - 0.5, 0.01): class 1 wins for p > 0.5, but its
+    margin never exceeds 0.1, so a confidence kappa = 1 is out of reach."""
+
+    def forward(self, x):
+        p = x.flatten(1).mean(1)
+        return torch.stack([torch.zeros_like(p), 10 * torch.clamp(p - 0.5, max=0.01)], 1)
+
+
+@pytest.mark.parametrize("eps", [None, 0.5])
+def test_cw_returns_a_fooling_point_that_never_reached_kappa(eps):
+    from robustlab.attacks import CW
+
+    x, y = torch.full((1, 1, 1, 1), 0.3, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
+    result = CW(Capped(), eps=eps, kappa=1.0, steps=200, lr=0.05, search_steps=3).run(x, y)
+    assert result.success.tolist() == [True]
+    assert 0.5 < float(result.x_adv) <= 0.8  # misclassified, inside the budget
+    assert int(Capped()(result.x_adv).argmax(1)) == 1
+
+
+class GapBeforeConfidence(nn.Module):
+    """One pixel p; the margin of class 1 is 10 (p - 0.5) minus 3 on (0.55, 0.64), a step
+    with no gradient. So the gradient always pushes p up; class 1 wins (by less than
+    1) on (0.5, 0.55], loses on (0.55, 0.64) and wins by at least 1.4 from 0.64 on."""
+
+    def forward(self, x):
+        p = x.flatten(1).mean(1)
+        gap = ((p > 0.55) & (p < 0.64)).to(p.dtype)
+        return torch.stack([torch.zeros_like(p), 10 * (p - 0.5) - 3 * gap], 1)
+
+
+def test_cw_prefers_a_fooling_point_inside_the_budget_to_a_confident_one_outside():
+    from robustlab.attacks import CW
+
+    # from 0.3 with eps 0.29 the ball ends at 0.59: the confident points (>= 0.64) lie
+    # outside and project to 0.59, where class 0 wins; the fooling ones (0.5, 0.55] inside
+    x, y = torch.full((1, 1, 1, 1), 0.3, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
+    attack = CW(GapBeforeConfidence(), eps=0.29, kappa=1.0, c=10.0, steps=200, lr=0.01,
+                search_steps=1)  # fmt: skip
+    result = attack.run(x, y)
+    assert result.success.tolist() == [True]
+    assert 0.5 < float(result.x_adv) <= 0.55
+
+
+def test_deepfool_leaves_a_misclassified_point_where_it_is():
+    from robustlab.attacks import DeepFool
+
+    # z0 = p, z1 = 0.6 - p: class 1 below p = 0.3, class 0 above
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0]]))
+        model[1].bias.copy_(torch.tensor([0.0, 0.6]))
+    x = torch.tensor([[0.2, 0.5, 0.5, 0.5], [0.8, 0.5, 0.5, 0.5]]).view(2, 1, 2, 2)
+    y = torch.tensor([0, 0])  # the first is misclassified (class 1), the second is not
+    assert model(x).argmax(1).tolist() == [1, 0]
+    result = DeepFool(model, steps=10).run(x, y)
+    # flipping the first one's (wrong) prediction would walk it back to its true class
+    assert torch.equal(result.x_adv[0], x[0])
+    assert result.success.tolist() == [True, True]
+    assert float(result.x_adv[1, 0, 0, 0]) < 0.3  # the second crossed the boundary

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustlab.attacks.base import ATTACKS, Attack
+from robustlab.attacks.base import ATTACKS, Attack, _view
 
 
 @ATTACKS.register("cw")
@@ -17,11 +17,15 @@ class CW(Attack):
     The image is ``x_adv = (tanh(w) + 1) / 2`` so it always lies in [0, 1]; Adam
     optimises w. The margin is ``z_y - max_{i != y} z_i`` (untargeted) or
     ``max_{i != t} z_i - z_t`` (targeted). After each of ``search_steps`` rounds, a
-    sample's c shrinks (bisection) if it was fooled and grows (x10 until bracketed) if
-    not. Each sample keeps its smallest successful perturbation.
+    sample's c shrinks (bisection) if it reached the confidence ``kappa`` and grows (x10
+    until bracketed) if not. Each sample keeps its smallest perturbation that reached
+    ``kappa`` and, as a fallback, the smallest that fooled the model at all (with
+    ``kappa > 0`` a point can be misclassified without the margin ever reaching
+    ``kappa``: it is still returned, never silently dropped).
 
-    With ``eps`` the result is projected onto the L2 ball (success judged there);
-    without it the attack is minimum-norm.
+    With ``eps`` the smallest such point inside the L2 ball is returned; if there is
+    none, the smallest fooling point is projected onto the ball (success judged there).
+    Without ``eps`` the attack is minimum-norm.
 
     Args:
         model: classifier on [0, 1] pixels returning logits.
@@ -81,12 +85,15 @@ class CW(Attack):
         c = torch.full((b,), self.c, device=dev)
         lo = torch.zeros(b, device=dev)
         hi = torch.full((b,), float("inf"), device=dev)
-        best = x.clone()
-        best_norm = torch.full((b,), float("inf"), device=dev, dtype=x.dtype)
+        # The smallest perturbation found that reaches the confidence kappa (what the
+        # search on c steers by) and, apart, the smallest that fools the model at all: with
+        # kappa > 0 a point may be misclassified without ever reaching kappa, or only
+        # within eps without kappa. Neither is dropped (no silent success).
+        confident, fooling = _Smallest(x), _Smallest(x)
         for _ in range(self.search_steps):
             w = w0.clone().requires_grad_(True)
             opt = torch.optim.Adam([w], lr=self.lr)
-            fooled_round = torch.zeros(b, dtype=torch.bool, device=dev)
+            confident_round = torch.zeros(b, dtype=torch.bool, device=dev)
             for _ in range(self.steps):
                 with torch.enable_grad():
                     x_adv = (torch.tanh(w) + 1) / 2
@@ -98,14 +105,32 @@ class CW(Attack):
                     (w.grad,) = torch.autograd.grad(loss, w)
                 opt.step()
                 with torch.no_grad():
-                    fooled = m < 0 if self.kappa == 0 else m <= -self.kappa
-                    norms = dist.sqrt()
-                    improve = fooled & (norms < best_norm)
-                    best[improve] = x_adv.detach()[improve]
-                    best_norm[improve] = norms[improve]
-                    fooled_round |= fooled
-            hi = torch.where(fooled_round, torch.minimum(hi, c), hi)
-            lo = torch.where(fooled_round, lo, torch.maximum(lo, c))
+                    norms, point = dist.sqrt(), x_adv.detach()
+                    reached = m < 0 if self.kappa == 0 else m <= -self.kappa
+                    confident.offer(point, norms, reached)
+                    fooling.offer(point, norms, self.is_success(logits.detach(), y, target))
+                    confident_round |= reached
+            hi = torch.where(confident_round, torch.minimum(hi, c), hi)
+            lo = torch.where(confident_round, lo, torch.maximum(lo, c))
             c = torch.where(torch.isinf(hi), c * 10, (lo + hi) / 2)
-        # With a budget, the base class projects onto the ball and judges success there.
-        return best, torch.isfinite(best_norm) if self.eps is None else None
+        found = torch.isfinite(confident.norm) | torch.isfinite(fooling.norm)
+        if self.eps is None:  # minimum norm: the confident point, else the fooling one
+            pick = torch.isfinite(confident.norm)
+            return torch.where(_view(pick, x), confident.x, fooling.x), found
+        # with a budget: a confident point inside the ball, else the smallest fooling point
+        # (every confident point fools, so it is no larger), which the base projects onto
+        # the ball if it lies outside
+        pick = confident.norm <= self.eps + 1e-6
+        return torch.where(_view(pick, x), confident.x, fooling.x), None
+
+
+class _Smallest:
+    """Per sample, the smallest-norm point offered under a condition (inf: none yet)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x.clone()
+        self.norm = torch.full((x.shape[0],), float("inf"), device=x.device, dtype=x.dtype)
+
+    def offer(self, point: torch.Tensor, norms: torch.Tensor, ok: torch.Tensor) -> None:
+        better = ok & (norms < self.norm)
+        self.x[better], self.norm[better] = point[better], norms[better].to(self.norm.dtype)

@@ -19,6 +19,8 @@ class DeepFool(Attack):
     ``f'_k = f_k - f_p``; pick ``l = argmin |f'_k| / ||w_k||_*`` (dual norm: L2 for L2,
     L1 for L-inf) and add the step that reaches that linearised boundary. Stops per
     sample when the label flips; the result is ``x + (1 + overshoot) * sum(steps)``.
+    A point the model already misclassifies is returned as it is (its own adversarial
+    example).
 
     With ``eps`` the result is projected onto the eps-ball (success is judged there);
     without it, the attack returns the minimal perturbation it found (unbounded).
@@ -62,14 +64,15 @@ class DeepFool(Attack):
         self.steps, self.overshoot, self.candidates = steps, overshoot, candidates
 
     def _perturb(self, x, y, target, need_success):
-        b = x.shape[0]
         with torch.no_grad():
             logits0 = self.logits(x)
         k = min(self.candidates, logits0.shape[1])
         classes = logits0.argsort(1, descending=True)[:, :k]  # (b, k): candidate classes
         start = logits0.argmax(1)  # DeepFool flips the current prediction
         r_total = torch.zeros_like(x)
-        active = torch.ones(b, dtype=torch.bool, device=x.device)
+        # a point already misclassified is its own adversarial example: flipping its
+        # (wrong) prediction could walk back to the true class
+        active = start == y
         x_adv = x.clone()
         for _ in range(self.steps):
             idx = active.nonzero()[:, 0]
