@@ -184,9 +184,19 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
             raise ConfigError(f"{run.path} was trained on {other}, {runs[0].path} on {name}")
     models = {n: load(r.path, device=_device(args.device)) for n, r in zip(names, runs)}
     attacks = [a for a in args.attacks.split(",") if a]
+    universal = None
+    if args.universal:
+        if args.universal < 0:
+            raise ConfigError(f"--universal must be >= 0 (0: off), got {args.universal}")
+        if args.split == "train":
+            raise ConfigError(
+                "--universal fits on the train split: evaluate on --split test, not the "
+                "points the perturbation was fitted on"
+            )
+        universal, _ = _load_run_data(runs[0].path, "train", args.universal)
     matrix = transfer_matrix(
         models, data, attacks=attacks, eps=eps, norm=args.norm, seed=args.seed,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, universal=universal,
     )  # fmt: skip
     print(matrix.table())
     atomic_write_text(out, json.dumps({"data": name, "split": args.split, **matrix.to_dict()}))
@@ -519,6 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", default="pgd:steps=20", help="attacks run on each source")
     p.add_argument("--out", required=True, help="JSON file to write (and a .png heatmap beside it)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--universal", type=int, default=0, metavar="N",
+        help="also fit a universal perturbation (radius eps) on each run from the first N "
+        "training images: rows RUN/universal (default 0: off)",
+    )  # fmt: skip
     _add_data_args(p)
     p.set_defaults(func=_cmd_transfer)
 

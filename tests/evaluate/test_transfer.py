@@ -51,6 +51,31 @@ def test_diagonal_is_white_box_and_transfer_is_weaker(two_models, tmp_path):
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_universal_rows_score_one_perturbation_per_source(two_models, tmp_path):
+    from robustlab.attacks.universal import UniversalPerturbation
+
+    models, test = two_models
+    fit = rl.load_dataset("mnist5k", "train").subset(200)
+    opts = {"max_passes": 2, "deepfool_steps": 5}
+    m = transfer_matrix(models, test, attacks=["fgsm"], eps=[0.2], n=64, universal=fit,
+                        universal_options=opts, seed=3)  # fmt: skip
+    assert m.sources == ["lenet", "lmt", "lenet/universal", "lmt/universal"]
+    x, y = test.float_images(slice(0, 64)), test.y[:64]
+    for s, source in models.items():
+        v = UniversalPerturbation(source, xi=0.2, seed=3, **opts).fit(fit).perturbation
+        assert float(v.abs().max()) <= 0.2 + 1e-6
+        x_v = (x + v).clamp(0, 1)
+        for t, target in models.items():
+            with torch.no_grad():
+                ok = (target(x).argmax(1) == y) & (target(x_v).argmax(1) == y)
+            assert m.accuracy[0][f"{s}/universal"][t] == pytest.approx(float(ok.float().mean()))
+        assert 0 <= m.universal_fooling[0][s] <= 1
+    # one perturbation for all points is weaker than FGSM on each point, on its own source
+    assert m.accuracy[0]["lenet/universal"]["lenet"] >= m.accuracy[0]["lenet"]["lenet"]
+    assert "lmt/universal" in m.table()
+    assert m.plot(tmp_path / "t.png").stat().st_size > 1000
+
+
 def test_errors(two_models):
     models, test = two_models
     with pytest.raises(rl.ConfigError, match="at least two models"):
@@ -77,6 +102,13 @@ def test_cli_transfer_writes_json_and_png_and_never_overwrites(tiny_config, tmp_
     assert main(argv) == 2 and "exists" in capsys.readouterr().err
     assert out.read_text() == before
     assert main([*argv, "--overwrite"]) == 0
+    assert main([*argv, "--overwrite", "--universal", "50"]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["sources"] == ["a", "b", "a/universal", "b/universal"]
+    assert set(saved["accuracy"][0]["b/universal"]) == {"a", "b"}
+    capsys.readouterr()
+    assert main([*argv, "--overwrite", "--universal", "50", "--split", "train"]) == 2
+    assert "fitted on" in capsys.readouterr().err
 
 
 def test_cli_eval_transfer_from_adds_one_table_per_source(tiny_config, capsys):

@@ -7,6 +7,10 @@ robust to transferred examples than to white-box ones, and that a defense evalua
 on transferred examples looks stronger than it is. The matrix puts both in one place:
 cell (source, target) is the target's robust accuracy when the attacks run on the source
 and their examples are scored on the target; the diagonal is the white-box figure.
+
+With ``universal=`` data, each source also gets a row ``SOURCE/universal``: one
+image-agnostic perturbation (Moosavi-Dezfooli et al. 2017) fitted on the source from
+that data, with radius eps, added to every evaluated point and scored on each target.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from robustlab.data.base import ImageDataset
@@ -27,7 +32,7 @@ from robustlab.evaluate.robustness import AttackSpec, _eps_list, evaluate
 class TransferMatrix:
     """Robust accuracy per eps, source (row) and target (column); clean accuracy per target."""
 
-    names: list[str]
+    names: list[str]  #: the targets (columns)
     eps: list[float]
     attacks: list[str]
     n: int
@@ -35,12 +40,20 @@ class TransferMatrix:
     #: accuracy[i][s][t]: the target ``t``'s worst case over the attacks run on ``s`` at eps i
     accuracy: list[dict[str, dict[str, float]]]
     warnings: list[str] = field(default_factory=list)
+    #: the rows: every model, then ``NAME/universal`` rows when universal perturbations ran
+    sources: list[str] = field(default_factory=list)
+    #: fooling rate of each universal perturbation on its source's fit data, per eps
+    universal_fooling: list[dict[str, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            self.sources = list(self.names)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
 
     def table(self) -> str:
-        width = max(8, *(len(n) for n in self.names))
+        width = max(8, *(len(n) for n in self.names), *(len(n) for n in self.sources))
         lines = [
             f"transfer: robust accuracy of each target (column) when {', '.join(self.attacks)} "
             f"run on the source (row); the diagonal is white-box; {self.n} points",
@@ -48,7 +61,7 @@ class TransferMatrix:
         for i, e in enumerate(self.eps):
             lines.append(f"eps {e:g}")
             lines.append(f"{'source':>{width}}  " + "  ".join(f"{t:>{width}}" for t in self.names))
-            for s in self.names:
+            for s in self.sources:
                 cells = "  ".join(
                     f"{100 * self.accuracy[i][s][t]:{width - 1}.1f}%" for t in self.names
                 )
@@ -64,20 +77,20 @@ class TransferMatrix:
         from robustlab.evaluate.plots import _pyplot
 
         plt = _pyplot()
-        k = len(self.names)
+        k, rows = len(self.names), len(self.sources)
         fig, axes = plt.subplots(
-            1, len(self.eps), figsize=(2.0 + 1.2 * k * len(self.eps), 1.2 + 0.9 * k),
+            1, len(self.eps), figsize=(2.5 + 1.2 * k * len(self.eps), 1.2 + 0.9 * rows),
             squeeze=False,
         )  # fmt: skip
         for ax, e, acc in zip(axes[0], self.eps, self.accuracy):
-            grid = [[100 * acc[s][t] for t in self.names] for s in self.names]
+            grid = [[100 * acc[s][t] for t in self.names] for s in self.sources]
             im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
-            for r in range(k):
+            for r in range(rows):
                 for c in range(k):
                     ax.text(c, r, f"{grid[r][c]:.0f}", ha="center", va="center",
                             color="white" if grid[r][c] < 50 else "black", fontsize=8)  # fmt: skip
             ax.set_xticks(range(k), self.names, rotation=45, ha="right", fontsize=8)
-            ax.set_yticks(range(k), self.names if ax is axes[0][0] else [], fontsize=8)
+            ax.set_yticks(range(rows), self.sources if ax is axes[0][0] else [], fontsize=8)
             ax.set_xlabel("target (scored on)")
             if ax is axes[0][0]:
                 ax.set_ylabel("source (attacked)")
@@ -98,6 +111,8 @@ def transfer_matrix(
     norm: str = "linf",
     n: int | None = None,
     seed: int = 0,
+    universal: ImageDataset | None = None,
+    universal_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> TransferMatrix:
     """Every source x target pair of ``models``: the target's worst-case robust accuracy
@@ -106,6 +121,13 @@ def transfer_matrix(
     Args:
         models: name -> classifier on [0, 1] pixels (at least two).
         data, attacks, eps, norm, n, seed: as for :func:`~robustlab.evaluate.evaluate`.
+        universal: images to fit a universal perturbation on, per source and eps (radius
+            eps, the evaluation's norm); they should not be the evaluated points (e.g.
+            the training split). Adds the rows ``SOURCE/universal``: a point counts as
+            robust on a target if the target classifies it and ``x + v`` correctly.
+        universal_options: options of
+            :class:`~robustlab.attacks.universal.UniversalPerturbation` (``max_passes``,
+            ``delta``, ``deepfool_steps``, ``batch_size``...); its seed is ``seed``.
         **kwargs: passed to :func:`~robustlab.evaluate.evaluate` (batch_size, device,
             progress, attack_options, fast, output).
 
@@ -132,10 +154,21 @@ def transfer_matrix(
             clean[t] = report.clean_accuracy
             for i, r in enumerate(report.results):
                 accuracy[i][s][t] = r.robust_accuracy
+    sources, fooling = list(names), [{} for _ in eps_list]
+    if universal is not None:
+        points = data.subset(n) if n is not None else data
+        for s in names:
+            row = f"{s}/universal"
+            sources.append(row)
+            for i, e in enumerate(eps_list):
+                accuracy[i][row], fooling[i][s] = _universal_row(
+                    models[s], models, universal, points, e, norm, seed,
+                    dict(universal_options or {}), kwargs.get("batch_size", 500),
+                )  # fmt: skip
     for i, e in enumerate(eps_list):
         for t in names:
             white = accuracy[i][t][t]
-            for s in names:
+            for s in sources:
                 if accuracy[i][s][t] + 0.05 < white:
                     warnings.append(
                         f"eps {e:g}: examples made on {s} break {t} more "
@@ -145,5 +178,33 @@ def transfer_matrix(
                     )
     return TransferMatrix(
         names=names, eps=eps_list, attacks=[str(a) for a in attacks], n=count, clean=clean,
-        accuracy=accuracy, warnings=warnings,
+        accuracy=accuracy, warnings=warnings, sources=sources, universal_fooling=fooling,
     )  # fmt: skip
+
+
+def _universal_row(
+    source: nn.Module, targets: Mapping[str, nn.Module], fit: ImageDataset,
+    points: ImageDataset, eps: float, norm: str, seed: int, options: dict[str, Any],
+    batch_size: int,
+) -> tuple[dict[str, float], float]:  # fmt: skip
+    """(each target's accuracy on the points plus a universal perturbation fitted on
+    ``source`` from ``fit``, that perturbation's fooling rate on ``fit``)."""
+    from robustlab.attacks.universal import UniversalPerturbation
+    from robustlab.data.base import to_float
+    from robustlab.evaluate.clean import model_device
+    from robustlab.nn.adapt import preserve_modes
+
+    options.setdefault("seed", seed)
+    uap = UniversalPerturbation(source, xi=eps, norm=norm, **options).fit(fit, progress=False)
+    row: dict[str, float] = {}
+    for t, target in targets.items():
+        dev = model_device(target)
+        correct = 0
+        with torch.no_grad(), preserve_modes(target, training=False):
+            for i in range(0, len(points), batch_size):
+                x = to_float(points.x[i : i + batch_size]).to(dev)
+                y = points.y[i : i + batch_size].to(dev)
+                ok = (target(x).argmax(1) == y) & (target(uap(x)).argmax(1) == y)
+                correct += int(ok.sum())
+        row[t] = correct / len(points)
+    return row, uap.history[-1] if uap.history else 0.0
