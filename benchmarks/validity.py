@@ -3,7 +3,8 @@ the standard one (which must fire, with the reason): issue 12's table.
 
     python benchmarks/validity.py --runs runs/demo-mnist runs/demo-pgd-mnist --n 200
 
-Each model is evaluated with PGD-20 at L-inf 0.1 and 0.3 and ``checks="full"``; the
+Each model is evaluated with ``--attacks`` (default PGD-20) at L-inf 0.1 and 0.3 and
+``checks="full"``; the
 table shows each check's verdict and, for the masked models, the reason of the first
 check that fired.
 """
@@ -53,6 +54,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="+", type=Path, required=True)
     p.add_argument("--n", type=int, default=200)
+    p.add_argument("--attacks", default="pgd:steps=20", help="comma-separated attack specs")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/validity.json"))
     args = p.parse_args()
     test = rl.load_dataset("mnist5k", "test")
@@ -63,8 +65,8 @@ def main() -> None:
         models[f"{args.runs[0].name} + {kind}"] = Broken(standard, kind)
     rows = {}
     for name, model in models.items():
-        report = rl.evaluate(model, test, attacks=["pgd:steps=20"], eps=[0.1, 0.3], n=args.n,
-                             checks="full", seed=0)  # fmt: skip
+        report = rl.evaluate(model, test, attacks=args.attacks.split(","), eps=[0.1, 0.3],
+                             n=args.n, checks="full", seed=0)  # fmt: skip
         rows[name] = {
             "clean": report.clean_accuracy,
             "robust": [r.robust_accuracy for r in report.results],

@@ -74,6 +74,12 @@ def test_universal_rows_score_one_perturbation_per_source(two_models, tmp_path):
     assert m.accuracy[0]["lenet/universal"]["lenet"] >= m.accuracy[0]["lenet"]["lenet"]
     assert "lmt/universal" in m.table()
     assert m.plot(tmp_path / "t.png").stat().st_size > 1000
+    one = transfer_matrix(models, test, attacks=["fgsm"], eps=[0.2], n=16,
+                          universal=fit.subset(50), universal_options={"max_passes": 1},
+                          universal_sources=["lmt"])  # fmt: skip
+    assert one.sources == ["lenet", "lmt", "lmt/universal"]
+    with pytest.raises(rl.ConfigError, match="universal_sources"):
+        transfer_matrix(models, test, eps=[0.1], n=8, universal=fit, universal_sources=["vgg"])
 
 
 def test_errors(two_models):

@@ -113,6 +113,7 @@ def transfer_matrix(
     seed: int = 0,
     universal: ImageDataset | None = None,
     universal_options: Mapping[str, Any] | None = None,
+    universal_sources: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> TransferMatrix:
     """Every source x target pair of ``models``: the target's worst-case robust accuracy
@@ -128,6 +129,8 @@ def transfer_matrix(
         universal_options: options of
             :class:`~robustlab.attacks.universal.UniversalPerturbation` (``max_passes``,
             ``delta``, ``deepfool_steps``, ``batch_size``...); its seed is ``seed``.
+        universal_sources: the models to fit universal perturbations on (default: all;
+            a defense without gradients, such as JPEG, gives DeepFool nothing to follow).
         **kwargs: passed to :func:`~robustlab.evaluate.evaluate` (batch_size, device,
             progress, attack_options, fast, output).
 
@@ -157,7 +160,11 @@ def transfer_matrix(
     sources, fooling = list(names), [{} for _ in eps_list]
     if universal is not None:
         points = data.subset(n) if n is not None else data
-        for s in names:
+        chosen = list(universal_sources) if universal_sources is not None else names
+        unknown = [s for s in chosen if s not in models]
+        if unknown:
+            raise ConfigError(f"universal_sources {unknown} are not among the models {names}")
+        for s in chosen:
             row = f"{s}/universal"
             sources.append(row)
             for i, e in enumerate(eps_list):
