@@ -89,9 +89,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model = _defended(load(run.path, device=_device(args.device)), args.defense)
     data, name = _load_run_data(run.path, args.split, args.n)
     result: dict = {"split": args.split, "n": len(data)}
+    baseline = _corruption_baseline(args, name) if args.corruptions else None
     with run.lock("evaluation"):
         print(f"run             {run.path}")
         print(f"data            {name} {args.split} ({len(data)} images)")
+        if args.corruptions:
+            _eval_corruptions(args, run, model, data, name, baseline)
+            if not eps:
+                return 0
         if not eps:
             result["clean_accuracy"] = clean_accuracy(model, data, batch_size=args.batch_size)
             print(f"clean accuracy  {100 * result['clean_accuracy']:.2f}%")
@@ -118,6 +123,58 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         path = run.write_output(EVAL_FILE, result)
     print(f"written         {path}")
     return 0
+
+
+def _corruption_options(args: argparse.Namespace) -> tuple[list[str] | None, list[int] | None]:
+    only = [c for c in (args.only or "").split(",") if c] or None
+    sevs = [int(v) for v in _split_floats(args.severities)] if args.severities else None
+    if sevs is not None and any(float(v) != int(v) for v in _split_floats(args.severities)):
+        raise ConfigError(f"--severities must be whole numbers, got {args.severities}")
+    return only, sevs
+
+
+def _corruption_baseline(args: argparse.Namespace, data_name: str):
+    """The baseline run's corruption report (checked to be on the same sets), or None."""
+    if not args.baseline:
+        return None
+    from robustlab.corruptions import CorruptionReport
+    from robustlab.io import CORRUPTIONS_FILE, Run
+
+    base = Run(args.baseline).require()
+    path = base.file(CORRUPTIONS_FILE)
+    if not path.is_file():
+        raise ConfigError(
+            f"{base.path} has no {CORRUPTIONS_FILE}: evaluate the baseline first, "
+            f"robustlab eval {base.path} --corruptions {args.corruptions} (same options)"
+        )
+    report = CorruptionReport.load(path)
+    source = "generate" if args.corruptions == "generate" else args.corruptions
+    other = base.meta_section("data", "name")["name"]
+    if report.source != source or other != data_name:
+        raise ConfigError(
+            f"the baseline {base.path} was evaluated on {report.source} of {other}, not "
+            f"{source} of {data_name}"
+        )
+    return report, str(base.path)
+
+
+def _eval_corruptions(args, run, model, data, name, baseline) -> None:
+    from robustlab.corruptions import evaluate_corruptions
+    from robustlab.io import CORRUPTIONS_CURVE, CORRUPTIONS_FILE, CORRUPTIONS_PLOT
+
+    only, sevs = _corruption_options(args)
+    report = evaluate_corruptions(
+        model, data, source=args.corruptions, corruptions=only, severities=sevs,
+        seed=args.seed, batch_size=args.batch_size, reference_size=args.reference_size,
+        baseline=baseline[0] if baseline else None,
+        baseline_name=baseline[1] if baseline else "baseline",
+    )  # fmt: skip
+    print(report.table())
+    path = run.write_output(
+        CORRUPTIONS_FILE, {"data": name, "split": args.split, **report.to_dict()}
+    )
+    report.plot(run.file(CORRUPTIONS_PLOT), run.file(CORRUPTIONS_CURVE))
+    print(f"written         {path}, {CORRUPTIONS_PLOT}, {CORRUPTIONS_CURVE}")
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
@@ -484,6 +541,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--checks", default="cheap", choices=["cheap", "full", "off"],
         help="validity checks: cheap (default; a few passes on 32 points), full (adds an "
         "unbounded attack, FGSM and doubled steps on 64 points), off",
+    )  # fmt: skip
+    p.add_argument(
+        "--corruptions", metavar="SOURCE",
+        help="corruption robustness: 'generate' (the 15 ImageNet-C corruptions at the data's "
+        "size, cached), 'mnist-c', or a directory of CIFAR-10/100-C, ImageNet-C or MNIST-C "
+        "files; writes RUN/corruptions.json and two plots",
+    )  # fmt: skip
+    p.add_argument("--severities", help="with --corruptions: e.g. 1,3,5 (default: all)")
+    p.add_argument("--only", metavar="NAMES", help="with --corruptions: e.g. fog,contrast")
+    p.add_argument(
+        "--baseline", metavar="RUN",
+        help="with --corruptions: CE and mCE against this run's corruptions.json",
+    )  # fmt: skip
+    p.add_argument(
+        "--reference-size", type=_positive_int, default=224,
+        help="with --corruptions generate: the image size ImageNet-C's parameters are for "
+        "(spatial ones are scaled by size / this; default 224)",
     )  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cpu)")
     p.set_defaults(func=_cmd_eval)

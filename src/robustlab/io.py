@@ -50,12 +50,18 @@ EVAL_FILE, EVAL_STATE_FILE, COMPARE_STATE_FILE = (
 )
 CERTIFY_FILE, CERTIFIED_PLOT = "certify.json", "certified.png"
 DETECT_FILE = "detect.json"
+CORRUPTIONS_FILE, CORRUPTIONS_PLOT, CORRUPTIONS_CURVE = (
+    "corruptions.json",
+    "corruptions.png",
+    "corruptions-severity.png",
+)
 LOCK_FILE = ".lock"
 FORMAT_VERSION = 1
 #: every file a run directory may hold that robustlab wrote (recipe extras are listed in meta)
 OWNED_FILES = (
     CONFIG_FILE, META_FILE, MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, EVAL_FILE,
     EVAL_STATE_FILE, COMPARE_STATE_FILE, CERTIFY_FILE, CERTIFIED_PLOT, DETECT_FILE,
+    CORRUPTIONS_FILE, CORRUPTIONS_PLOT, CORRUPTIONS_CURVE,
 )  # fmt: skip
 
 
