@@ -56,6 +56,14 @@ EXPERIMENTS: dict[str, tuple[str, list[str]]] = {
     "smoothgrad-attacker": ("pgd-mnist.yaml", ["recipe.options.smooth_grad=attacker"]),
     "smoothgrad-optimizer": ("pgd-mnist.yaml", ["recipe.options.smooth_grad=optimizer"]),
     "smoothgrad-both": ("pgd-mnist.yaml", ["recipe.options.smooth_grad=both"]),
+    # issue 13's corruption grid: small_cnn with batch norm throughout
+    "pgd-bn": ("pgd-mnist.yaml", ["model.options={bn: true}"]),
+    "advprop-weak": ("advprop-mnist.yaml", ["recipe.options.eps=0.1", "recipe.options.steps=1"]),
+    "sat-psoftplus-bn": ("sat-mnist.yaml", ["model.options={bn: true}"]),
+    "sat-silu-bn": (
+        "sat-mnist.yaml",
+        ["model.options={bn: true}", "recipe.options.activation=silu"],
+    ),
 }
 PGD_ATTACK = "pgd:steps=40:restarts=10"
 SUITE = ["apgd-ce", "apgd-t", "square:n_queries=5000"]  # the standard suite

@@ -133,34 +133,55 @@ def _corruption_options(args: argparse.Namespace) -> tuple[list[str] | None, lis
     return only, sevs
 
 
+def _corruption_source(args: argparse.Namespace) -> str:
+    """The key a corruption report is filed under: generate, mnist-c, or the directory."""
+    if args.corruptions in ("generate", "mnist-c"):
+        return args.corruptions
+    return str(Path(args.corruptions).resolve())
+
+
+def _corruption_reports(run) -> dict:
+    """The run's corruption reports by source (empty when there are none)."""
+    from robustlab.io import CORRUPTIONS_FILE
+
+    path = run.file(CORRUPTIONS_FILE)
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read {path}: {err}") from None
+    reports = saved.get("reports") if isinstance(saved, dict) else None
+    if not isinstance(reports, dict):
+        raise ConfigError(f"{path} is not a corruption-report file")
+    return saved
+
+
 def _corruption_baseline(args: argparse.Namespace, data_name: str):
-    """The baseline run's corruption report (checked to be on the same sets), or None."""
+    """The baseline run's report for the same source and data set, or None."""
     if not args.baseline:
         return None
     from robustlab.corruptions import CorruptionReport
     from robustlab.io import CORRUPTIONS_FILE, Run
 
     base = Run(args.baseline).require()
-    path = base.file(CORRUPTIONS_FILE)
-    if not path.is_file():
+    saved = _corruption_reports(base)
+    source = _corruption_source(args)
+    if source not in saved.get("reports", {}):
         raise ConfigError(
-            f"{base.path} has no {CORRUPTIONS_FILE}: evaluate the baseline first, "
-            f"robustlab eval {base.path} --corruptions {args.corruptions} (same options)"
+            f"{base.path}/{CORRUPTIONS_FILE} has no report for {source}: evaluate the baseline "
+            f"first, robustlab eval {base.path} --corruptions {args.corruptions} (same options)"
         )
-    report = CorruptionReport.load(path)
-    source = "generate" if args.corruptions == "generate" else args.corruptions
-    other = base.meta_section("data", "name")["name"]
-    if report.source != source or other != data_name:
+    if saved.get("data") != data_name:
         raise ConfigError(
-            f"the baseline {base.path} was evaluated on {report.source} of {other}, not "
-            f"{source} of {data_name}"
+            f"the baseline {base.path} was evaluated on {saved.get('data')}, not {data_name}"
         )
-    return report, str(base.path)
+    return CorruptionReport.from_dict(saved["reports"][source]), str(base.path)
 
 
 def _eval_corruptions(args, run, model, data, name, baseline) -> None:
     from robustlab.corruptions import evaluate_corruptions
-    from robustlab.io import CORRUPTIONS_CURVE, CORRUPTIONS_FILE, CORRUPTIONS_PLOT
+    from robustlab.io import CORRUPTIONS_FILE
 
     only, sevs = _corruption_options(args)
     report = evaluate_corruptions(
@@ -170,11 +191,20 @@ def _eval_corruptions(args, run, model, data, name, baseline) -> None:
         baseline_name=baseline[1] if baseline else "baseline",
     )  # fmt: skip
     print(report.table())
-    path = run.write_output(
-        CORRUPTIONS_FILE, {"data": name, "split": args.split, **report.to_dict()}
+    saved = _corruption_reports(run)
+    if saved.get("data", name) != name:
+        saved = {}  # reports on another data set are replaced, not mixed
+    saved = {"data": name, "reports": {**saved.get("reports", {}),
+                                      _corruption_source(args): report.to_dict()}}  # fmt: skip
+    path = run.write_output(CORRUPTIONS_FILE, saved)
+    kind = args.corruptions if args.corruptions in ("mnist-c",) else (
+        "imagenet-c" if args.corruptions == "generate" else "files")  # fmt: skip
+    heatmap, curve = (
+        run.file(f"corruptions-{kind}.png"),
+        run.file(f"corruptions-{kind}-severity.png"),
     )
-    report.plot(run.file(CORRUPTIONS_PLOT), run.file(CORRUPTIONS_CURVE))
-    print(f"written         {path}, {CORRUPTIONS_PLOT}, {CORRUPTIONS_CURVE}")
+    report.plot(heatmap, curve)
+    print(f"written         {path}, {heatmap.name}, {curve.name}")
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:

@@ -50,10 +50,12 @@ EVAL_FILE, EVAL_STATE_FILE, COMPARE_STATE_FILE = (
 )
 CERTIFY_FILE, CERTIFIED_PLOT = "certify.json", "certified.png"
 DETECT_FILE = "detect.json"
-CORRUPTIONS_FILE, CORRUPTIONS_PLOT, CORRUPTIONS_CURVE = (
-    "corruptions.json",
-    "corruptions.png",
-    "corruptions-severity.png",
+#: corruption reports, one per source (generated ImageNet-C, MNIST-C, files read), and
+#: a heatmap and a severity curve per kind of source
+CORRUPTIONS_FILE = "corruptions.json"
+CORRUPTION_KINDS = ("imagenet-c", "mnist-c", "files")
+CORRUPTIONS_PLOTS = tuple(
+    f"corruptions-{kind}{tail}.png" for kind in CORRUPTION_KINDS for tail in ("", "-severity")
 )
 LOCK_FILE = ".lock"
 FORMAT_VERSION = 1
@@ -61,7 +63,7 @@ FORMAT_VERSION = 1
 OWNED_FILES = (
     CONFIG_FILE, META_FILE, MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, EVAL_FILE,
     EVAL_STATE_FILE, COMPARE_STATE_FILE, CERTIFY_FILE, CERTIFIED_PLOT, DETECT_FILE,
-    CORRUPTIONS_FILE, CORRUPTIONS_PLOT, CORRUPTIONS_CURVE,
+    CORRUPTIONS_FILE, *CORRUPTIONS_PLOTS,
 )  # fmt: skip
 
 

@@ -191,12 +191,24 @@ def test_cli_eval_corruptions_with_a_baseline(tiny_config, tmp_path, capsys, mon
     assert main(["eval", str(b), *argv, "--baseline", str(a)]) == 0
     out = capsys.readouterr().out
     assert "mCE" in out and "corruptions.json" in out
-    saved = json.loads((b / "corruptions.json").read_text())
+    saved = json.loads((b / "corruptions.json").read_text())["reports"]["generate"]
     assert set(saved["accuracy"]) == {"fog", "contrast"} and saved["mce"] is not None
-    assert (b / "corruptions.png").is_file() and (b / "corruptions-severity.png").is_file()
+    assert (b / "corruptions-imagenet-c.png").is_file()
+    assert (b / "corruptions-imagenet-c-severity.png").is_file()
     cached = list((tmp_path / "cache").rglob("*.safetensors"))
     assert len(cached) == 4  # 2 corruptions x 2 severities, generated once for both runs
+    # a second source is filed beside the first, not over it
+    assert main(["eval", str(a), "--corruptions", "mnist-c", "--n", "16", "--only", "shear"]) == 0
+    reports = json.loads((a / "corruptions.json").read_text())["reports"]
+    assert set(reports) == {"generate", "mnist-c"}
+    assert main(["eval", str(b), "--corruptions", "mnist-c", "--n", "16", "--only", "shear",
+                 "--baseline", str(a)]) == 0  # fmt: skip
     # the baseline lacks a corruption asked for: a clear error
+    capsys.readouterr()
     assert main(["eval", str(b), "--corruptions", "generate", "--n", "16", "--severities", "1",
                  "--only", "snow", "--baseline", str(a)]) == 2  # fmt: skip
     assert "not evaluated on snow" in capsys.readouterr().err
+    # overwrite protection is the run directory's: --overwrite of a: the files go with it
+    from robustlab.io import OWNED_FILES
+
+    assert "corruptions.json" in OWNED_FILES and "corruptions-mnist-c.png" in OWNED_FILES

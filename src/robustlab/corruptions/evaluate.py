@@ -168,7 +168,7 @@ class CorruptionReport:
         names = self.corruptions
         sevs = sorted({s for sev in self.accuracy.values() for s in sev})
         grid = [[100 * self.accuracy[c].get(s, float("nan")) for s in sevs] for c in names]
-        fig, ax = plt.subplots(figsize=(1.6 + 0.8 * len(sevs), 0.8 + 0.32 * len(names)))
+        fig, ax = plt.subplots(figsize=(max(4.8, 2.4 + 0.8 * len(sevs)), 1.0 + 0.32 * len(names)))
         im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
         for r, row in enumerate(grid):
             for c, v in enumerate(row):
@@ -191,10 +191,13 @@ class CorruptionReport:
             }
             groups = {g: m for g, m in groups.items() if m} or {"all": names}
             groups.setdefault("all", names)
-            for g, members in groups.items():
+            # Okabe & Ito's colour-blind-safe palette; the mean over all corruptions in black
+            palette = ["#E69F00", "#56B4E9", "#009E73", "#D55E00", "#CC79A7", "#0072B2"]
+            for i, (g, members) in enumerate(groups.items()):
                 ys = [100 * _avg([self.accuracy[c][s] for c in members if s in self.accuracy[c]])
                       for s in sevs]  # fmt: skip
                 ax.plot([0, *sevs], [100 * self.clean_accuracy, *ys], marker="o", label=g,
+                        color="black" if g == "all" else palette[i % len(palette)],
                         linewidth=2.5 if g == "all" else 1.2)  # fmt: skip
             ax.set_xticks([0, *sevs], ["clean", *map(str, sevs)])
             ax.set_xlabel("severity")
@@ -321,7 +324,7 @@ def evaluate_corruptions(
                 corrupted = reader.read(c, s, n=n, seed=seed)
             accuracy[c][s] = _accuracy(model, corrupted, batch_size, dev)
             count = len(corrupted)
-            log.info("%s severity %d: %.1f%%", c, s, 100 * accuracy[c][s])
+            log.debug("%s severity %d: %.1f%%", c, s, 100 * accuracy[c][s])
     report = CorruptionReport(
         source="generate" if str(source) == "generate" else str(source),
         n=count,
