@@ -1,5 +1,5 @@
 """ImageNet-C corruptions at any size: checked against the reference implementation
-(``imagecorruptions``) on 64x64 images at its own parameters, against hand computations
+(``imagecorruptions``) on 32x32 and 64x64 images at its own parameters, against hand computations
 where the corruption is a formula, and for the contracts (shape, range, seeding, size)."""
 
 from __future__ import annotations
@@ -19,20 +19,24 @@ from robustlab.corruptions.imagenet_c import plasma_fractal
 #: intensity, neighbour differences) between this implementation and the reference, per
 #: corruption: the ones that depart from it (see the module docstring) and fog, whose
 #: per-image fractal varies much between draws, get more
-TOLERANCE = {"glass_blur": 0.3, "frost": 0.35, "fog": 0.45}
+TOLERANCE = {"glass_blur": 0.3, "frost": 0.4, "fog": 0.45}
 DEFAULT_TOLERANCE = 0.12
 
 
-@pytest.fixture(scope="module")
-def images():
-    """32 natural-looking 64x64 RGB images: upsampled digits, tinted, over a fractal
-    background (uint8, as the reference takes them)."""
+def natural_images(size: int) -> torch.Tensor:
+    """32 natural-looking RGB images: upsampled digits, tinted, over a fractal background
+    (uint8, as the reference takes them)."""
     torch.manual_seed(0)
     digits = rl.load_dataset("mnist5k", "test").float_images(slice(0, 32))
-    d = F.interpolate(digits, size=(64, 64), mode="bilinear", align_corners=False)
-    bg = plasma_fractal(32, 64, 2.0, torch.Generator().manual_seed(1), d)[:, None]
+    d = F.interpolate(digits, size=(size, size), mode="bilinear", align_corners=False)
+    bg = plasma_fractal(32, size, 2.0, torch.Generator().manual_seed(1), d)[:, None]
     x = (0.35 * bg + 0.6 * d * torch.rand(32, 3, 1, 1) + 0.05).clamp(0, 1)
     return (x * 255).round().to(torch.uint8)
+
+
+@pytest.fixture(scope="module", params=[32, 64])
+def images(request):
+    return natural_images(request.param)
 
 
 def _stats(y: torch.Tensor, x: torch.Tensor) -> np.ndarray:
@@ -51,7 +55,8 @@ def test_agrees_with_imagecorruptions_at_its_parameters(images, name):
                                    corruption_name=name) for im in images])  # fmt: skip
         ref = torch.from_numpy(ref).permute(0, 3, 1, 2).float() / 255
         # reference_size = the image size: the reference's own (unscaled) parameters
-        ours = corrupt(images, name, severity, seed=severity, reference_size=64).float() / 255
+        size = images.shape[-1]
+        ours = corrupt(images, name, severity, seed=severity, reference_size=size).float() / 255
         a, b = _stats(ref, x), _stats(ours, x)
         rel = np.abs(a - b) / np.maximum(np.abs(a), 0.02)
         worst = max(worst, float(rel.max()))

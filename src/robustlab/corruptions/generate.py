@@ -22,7 +22,7 @@ from robustlab.data.base import ImageDataset, to_float
 from robustlab.errors import ConfigError, did_you_mean
 
 #: bump when a corruption's output changes, so cached sets are regenerated
-VERSION = 1
+VERSION = 2
 #: images corrupted per generator seed: the pixels do not depend on any batch size
 CHUNK = 256
 SUITES = {"imagenet-c": IMAGENET_C, "mnist-c": MNIST_C}

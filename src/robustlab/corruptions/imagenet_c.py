@@ -442,8 +442,19 @@ def _reflect_coords(t: torch.Tensor, n: int) -> torch.Tensor:
 def pixelate(x, severity, gen, scale=1.0):
     c = (0.6, 0.5, 0.4, 0.3, 0.25)[severity - 1]
     h, w = x.shape[-2:]
-    small = F.interpolate(x, size=(max(int(h * c), 1), max(int(w * c), 1)), mode="area")
+    ah, aw = _box_matrix(h, max(int(h * c), 1), x), _box_matrix(w, max(int(w * c), 1), x)
+    small = ah @ x @ aw.T  # Pillow's BOX filter: exact area averages, fractional edges
     return F.interpolate(small, size=(h, w), mode="nearest-exact")
+
+
+def _box_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in): output pixel i averages input [i s, (i + 1) s), s = n_in / n_out,
+    each input pixel weighted by the length of its overlap."""
+    s = n_in / n_out
+    lo = torch.arange(n_out, dtype=torch.float64)[:, None] * s
+    j = torch.arange(n_in, dtype=torch.float64)[None, :]
+    overlap = (torch.minimum(lo + s, j + 1) - torch.maximum(lo, j)).clamp(min=0)
+    return (overlap / s).to(like.device, like.dtype)
 
 
 @_register
