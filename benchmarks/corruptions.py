@@ -15,6 +15,8 @@ import json
 import statistics
 from pathlib import Path
 
+from reproduce import fmt  # benchmarks/ is the script's directory, on sys.path
+
 import robustlab as rl
 from robustlab.corruptions import CorruptionReport, evaluate_corruptions
 from robustlab.io import atomic_write_text
@@ -32,16 +34,6 @@ def report_for(directory: Path, source: str, n: int, test) -> CorruptionReport:
     report = evaluate_corruptions(model, test, source=SOURCES[source], n=n, seed=0)
     atomic_write_text(cache, json.dumps(report.to_dict(), indent=1))
     return report
-
-
-def fmt(values: list[float], scale: float = 100.0) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    mean = statistics.fmean(values) * scale
-    if len(values) == 1:
-        return f"{mean:.1f}"
-    return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}"
 
 
 def main() -> None:

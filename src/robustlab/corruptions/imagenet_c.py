@@ -261,9 +261,19 @@ def glass_blur(x, severity, gen, scale=1.0):
     sigma, delta, iterations = ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2))[
         severity - 1
     ]
-    sigma, delta = sigma * scale, delta * scale
+    return glass(x, sigma * scale, delta * scale, iterations, gen)
+
+
+def glass(
+    x: torch.Tensor, sigma: float, delta: float, iterations: int, gen: torch.Generator,
+    move: float = 1.0,
+) -> torch.Tensor:  # fmt: skip
+    """Glass blur's steps: blur (and quantise to 8 bits, as the reference does), move
+    pixels ``iterations`` times (each with probability ``move``) to a random offset,
+    blur again. Offsets are whole pixels in ``[-delta, delta)`` when ``delta`` rounds to
+    one or more, else continuous in +-delta with bilinear values."""
     b, _, h, w = x.shape
-    y = (gaussian_blur(x, sigma) * 255).floor() / 255  # the reference's uint8 round trip
+    y = (gaussian_blur(x, sigma) * 255).floor() / 255
     gy, gx = torch.meshgrid(
         torch.arange(h, device=x.device, dtype=x.dtype),
         torch.arange(w, device=x.device, dtype=x.dtype),
@@ -277,6 +287,8 @@ def glass_blur(x, severity, gen, scale=1.0):
             off = off.to(x.device, x.dtype)
         else:
             off = _uniform((b, h, w, 2), gen, x, -delta, delta)
+        if move < 1:
+            off = off * (_uniform((b, h, w, 1), gen, x) < move).to(x.dtype)
         sx, sy = (gx + off[..., 0]).clamp(0, w - 1), (gy + off[..., 1]).clamp(0, h - 1)
         grid = torch.stack([2 * sx / max(w - 1, 1) - 1, 2 * sy / max(h - 1, 1) - 1], -1)
         y = F.grid_sample(y, grid, mode="nearest" if whole else "bilinear",

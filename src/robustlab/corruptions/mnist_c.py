@@ -84,22 +84,7 @@ def glass_blur(x, gen):
     rounds); the benchmark swaps each pixel with probability one half, so half of the
     pixels here keep their place in each round."""
     s = _scale(x)
-    b, _, h, w = x.shape
-    y = (inc.gaussian_blur(x, 0.7 * s) * 255).floor() / 255
-    gy, gx = torch.meshgrid(
-        torch.arange(h, device=x.device, dtype=x.dtype),
-        torch.arange(w, device=x.device, dtype=x.dtype),
-        indexing="ij",
-    )
-    for _ in range(2):
-        d = max(round(s), 1)
-        off = torch.randint(-d, d, (b, h, w, 2), generator=gen, device=gen.device)
-        move = torch.rand((b, h, w, 1), generator=gen, device=gen.device) < 0.5
-        off = (off * move).to(x.device, x.dtype)
-        sx, sy = (gx + off[..., 0]).clamp(0, w - 1), (gy + off[..., 1]).clamp(0, h - 1)
-        grid = torch.stack([2 * sx / max(w - 1, 1) - 1, 2 * sy / max(h - 1, 1) - 1], -1)
-        y = F.grid_sample(y, grid, mode="nearest", padding_mode="border", align_corners=True)
-    return inc.gaussian_blur(y, 0.7 * s).clamp(0, 1)
+    return inc.glass(x, 0.7 * s, max(round(s), 1), 2, gen, move=0.5)
 
 
 @_register
