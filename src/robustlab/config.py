@@ -278,6 +278,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value  # an object of the annotated class, given from Python (a teacher module)
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
 

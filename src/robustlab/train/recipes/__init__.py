@@ -2,6 +2,7 @@
 
 from robustlab.train.recipes import (  # noqa: F401  (register)
     advprop,
+    distill,
     fast,
     fgsm,
     lmt,

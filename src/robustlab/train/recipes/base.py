@@ -9,6 +9,7 @@ new file that subclasses :class:`Recipe` and registers it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -186,6 +187,15 @@ def create_recipe(name: str, *, label_smoothing: float = 0.0, **options: Any) ->
     """
     cls = RECIPES.get(name)
     check_options(recipe_options(cls), options, f"recipe {name!r}")
+    required = [
+        p.name for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.default is p.empty and p.name not in options
+    ]  # fmt: skip
+    if required:
+        raise ConfigError(
+            f"recipe {name!r} needs the option{'s' if len(required) > 1 else ''} "
+            f"{', '.join(required)} (recipe.options in the config)"
+        )
     options = check_types(init_hints(cls, Recipe), options, f"recipe {name!r}")
     return cls(label_smoothing=label_smoothing, **options)
 
