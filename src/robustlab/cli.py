@@ -127,10 +127,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _corruption_options(args: argparse.Namespace) -> tuple[list[str] | None, list[int] | None]:
     only = [c for c in (args.only or "").split(",") if c] or None
-    sevs = [int(v) for v in _split_floats(args.severities)] if args.severities else None
-    if sevs is not None and any(float(v) != int(v) for v in _split_floats(args.severities)):
+    values = _split_floats(args.severities) if args.severities else None
+    if values is not None and any(v != int(v) for v in values):
         raise ConfigError(f"--severities must be whole numbers, got {args.severities}")
-    return only, sevs
+    return only, None if values is None else [int(v) for v in values]
 
 
 def _corruption_source(args: argparse.Namespace) -> str:
@@ -197,8 +197,7 @@ def _eval_corruptions(args, run, model, data, name, baseline) -> None:
     saved = {"data": name, "reports": {**saved.get("reports", {}),
                                       _corruption_source(args): report.to_dict()}}  # fmt: skip
     path = run.write_output(CORRUPTIONS_FILE, saved)
-    kind = args.corruptions if args.corruptions in ("mnist-c",) else (
-        "imagenet-c" if args.corruptions == "generate" else "files")  # fmt: skip
+    kind = {"generate": "imagenet-c", "mnist-c": "mnist-c"}.get(args.corruptions, "files")
     heatmap, curve = (
         run.file(f"corruptions-{kind}.png"),
         run.file(f"corruptions-{kind}-severity.png"),

@@ -225,15 +225,10 @@ def _pct(v: float | None) -> str:
     return "   n/a" if v is None else f"{100 * v:6.1f}"
 
 
-@torch.no_grad()
 def _accuracy(model: nn.Module, data: ImageDataset, batch_size: int, dev: torch.device) -> float:
-    from robustlab.data.base import to_float
+    from robustlab.evaluate.robustness import _predict
 
-    correct = 0
-    for i in range(0, len(data), batch_size):
-        x = to_float(data.x[i : i + batch_size]).to(dev)
-        correct += int((model(x).argmax(1).cpu() == data.y[i : i + batch_size]).sum())
-    return correct / len(data)
+    return float((_predict(model, data.x, batch_size, dev) == data.y).float().mean())
 
 
 def evaluate_corruptions(

@@ -114,6 +114,13 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1, keepdim=True)
 
 
+def pixel_grid(cols: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Pixel coordinates (column, row) of an H x W image as the [-1, 1] grid that
+    ``grid_sample`` takes with ``align_corners=True``."""
+    h, w = cols.shape[-2], cols.shape[-1]
+    return torch.stack([2 * cols / max(w - 1, 1) - 1, 2 * rows / max(h - 1, 1) - 1], -1)
+
+
 def _shift_gather(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """Per image b: ``out[b, :, h, w] = x[b, :, clamp(h - dy_b), clamp(w - dx_b)]`` (a
     shift that repeats the edge, as the reference's motion blur does)."""
@@ -290,8 +297,7 @@ def glass(
         if move < 1:
             off = off * (_uniform((b, h, w, 1), gen, x) < move).to(x.dtype)
         sx, sy = (gx + off[..., 0]).clamp(0, w - 1), (gy + off[..., 1]).clamp(0, h - 1)
-        grid = torch.stack([2 * sx / max(w - 1, 1) - 1, 2 * sy / max(h - 1, 1) - 1], -1)
-        y = F.grid_sample(y, grid, mode="nearest" if whole else "bilinear",
+        y = F.grid_sample(y, pixel_grid(sx, sy), mode="nearest" if whole else "bilinear",
                           padding_mode="border", align_corners=True)  # fmt: skip
     return gaussian_blur(y, sigma).clamp(0, 1)
 
@@ -436,8 +442,7 @@ def elastic_transform(x, severity, gen, scale=1.0):
     ys = torch.arange(h, device=x.device, dtype=x.dtype)[None, :, None] + dy
     xs = torch.arange(w, device=x.device, dtype=x.dtype)[None, None, :] + dx
     ys, xs = _reflect_coords(ys, h), _reflect_coords(xs, w)
-    grid = torch.stack([2 * xs / max(w - 1, 1) - 1, 2 * ys / max(h - 1, 1) - 1], -1)
-    return F.grid_sample(x, grid, mode="bilinear", align_corners=True).clamp(0, 1)
+    return F.grid_sample(x, pixel_grid(xs, ys), mode="bilinear", align_corners=True).clamp(0, 1)
 
 
 def _reflect_coords(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -53,8 +53,13 @@ def _warp(x: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor) -> torch.
     p = torch.stack([cols, rows], -1).view(1, h * w, 2)
     q = p @ matrix.transpose(1, 2).to(x.dtype) + offset[:, None, :].to(x.dtype)
     q = q.view(b, h, w, 2)
-    grid = torch.stack([2 * q[..., 0] / max(w - 1, 1) - 1, 2 * q[..., 1] / max(h - 1, 1) - 1], -1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return F.grid_sample(
+        x,
+        inc.pixel_grid(q[..., 0], q[..., 1]),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=True,
+    )
 
 
 def _about_centre(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
