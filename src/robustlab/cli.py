@@ -153,7 +153,10 @@ def _corruption_reports(run) -> dict:
         raise ConfigError(f"cannot read {path}: {err}") from None
     reports = saved.get("reports") if isinstance(saved, dict) else None
     if not isinstance(reports, dict):
-        raise ConfigError(f"{path} is not a corruption-report file")
+        raise ConfigError(
+            f"{path} is not a corruption-report file (one report per source under "
+            "'reports'); move it aside to evaluate again, nothing was overwritten"
+        )
     return saved
 
 
