@@ -119,6 +119,9 @@ class DataConfig:
     normalize: bool = True  # put Normalize(mean, std) of the training split into the model
     train_limit: int | None = None  # keep only the first N training images (quick runs)
     test_limit: int | None = None  # keep only the first N test images
+    # hold out the last N training images as a validation split: never trained on, logged
+    # as val_acc, and the only data a checkpoint is selected on (see SelectConfig)
+    val_size: int = 0
 
 
 @dataclass
@@ -160,6 +163,18 @@ class RecipeConfig:
 
 
 @dataclass
+class SelectConfig:
+    """Which epoch's weights the run saves: the last, or the best on the validation split.
+
+    The test split is never used to choose (that would report a number tuned on it).
+    """
+
+    metric: str = "last"  # last | val_acc | val_robust (PGD accuracy on data.val_size images)
+    eps: float | None = None  # val_robust: L-inf budget (default: the recipe's eps)
+    steps: int = 10  # val_robust: PGD steps (step size 2.5 * eps / steps, random start)
+
+
+@dataclass
 class TrainConfig:
     """A whole training run."""
 
@@ -179,9 +194,11 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
 
     def validate(self) -> TrainConfig:
         """Check value ranges and choices; returns self."""
+        _choice("select.metric", self.select.metric, ("last", "val_acc", "val_robust"))
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.data.batch_size >= 1, "data.batch_size must be >= 1"),
@@ -202,6 +219,15 @@ class TrainConfig:
                 f"name must be a plain directory name (no '/', not '.' or '..'), got {self.name!r}",
             ),
             (self.eval_every >= 0, "eval_every must be >= 0"),
+            (self.data.val_size >= 0, "data.val_size must be >= 0"),
+            (self.select.steps >= 1, "select.steps must be >= 1"),
+            (self.select.eps is None or self.select.eps > 0, "select.eps must be > 0"),
+            (
+                self.select.metric == "last" or self.data.val_size > 0,
+                f"select.metric={self.select.metric} chooses on a validation split: set "
+                "data.val_size (training images held out for it); the test split is never "
+                "used to choose a checkpoint",
+            ),
             (
                 self.optim.grad_clip is None or self.optim.grad_clip > 0,
                 "optim.grad_clip must be > 0",

@@ -222,6 +222,17 @@ def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: Outpu
     if not zero.any():
         return Check("gradients", "pass", "every point has a non-zero input gradient")
     share = float(zero.float().mean())
+    if grads is not None and _margin_gradients_live(model, x[zero], y[zero.cpu()], output):
+        return Check(
+            "gradients", "fail" if share > 0.5 else "warn",
+            f"the input gradient of the cross-entropy is exactly zero on {int(zero.sum())} of "
+            f"{len(zero)} points while the logit margin's is not: the softmax saturates in "
+            "float32 (a large logit scale, as in defensive distillation deployed at T = 1), "
+            "so cross-entropy attacks (fgsm, pgd, apgd-ce) stall there",
+            "use a margin loss (pgd:loss=margin, cw, apgd-t with dlr), or divide the logits "
+            "by their temperature before attacking",
+            {"points": zero.nonzero()[:, 0].tolist(), "cause": "saturation"},
+        )  # fmt: skip
     return Check(
         "gradients", "fail" if share > 0.5 else "warn",
         f"the input gradient of the loss is exactly zero on {int(zero.sum())} of "
@@ -231,6 +242,22 @@ def _gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: Outpu
         "Defense with a surrogate) and add gradient-free attacks (square)",
         {"points": zero.nonzero()[:, 0].tolist()},
     )  # fmt: skip
+
+
+def _margin_gradients_live(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, output: OutputSpec
+) -> bool:
+    """Whether the logit margin (true class minus the best other) has a non-zero input
+    gradient on every point: then a zero cross-entropy gradient is saturation, not a
+    gradient the model hides."""
+    with torch.enable_grad():
+        xa = x.detach().clone().requires_grad_(True)
+        z = _logits(model, xa, output).float()
+        y = y.to(x.device)
+        others = z.scatter(1, y[:, None], float("-inf")).amax(1)
+        margin = (z.gather(1, y[:, None])[:, 0] - others).sum()
+        grads = torch.autograd.grad(margin, xa, allow_unused=True)[0]
+    return grads is not None and bool((grads.flatten(1) != 0).any(1).all())
 
 
 def _noise_stability(

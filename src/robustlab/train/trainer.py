@@ -205,6 +205,19 @@ class Trainer:
         self.recipe: Recipe = create_recipe(
             cfg.recipe.name, label_smoothing=cfg.label_smoothing, **cfg.recipe.options
         )
+        val = None
+        if dc.val_size:
+            if dc.val_size >= len(train):
+                raise ConfigError(
+                    f"data.val_size ({dc.val_size}) must be smaller than the training set "
+                    f"({len(train)} images)"
+                )
+            # the last images of the (shuffled) training split, before any recipe holdout
+            val, train = (
+                train.subset(slice(len(train) - dc.val_size, None)),
+                train.subset(slice(0, len(train) - dc.val_size)),
+            )
+        self.select_eps = self._select_eps()
         held = self.recipe.holdout_size
         if held:
             if held >= len(train):
@@ -270,6 +283,13 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
+        self.val_data = val
+        self.val_loader = None if val is None else BatchLoader(
+            val, dc.eval_batch_size, device=self.device, rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )  # fmt: skip
+        #: checkpoint selection: {"score", "epoch", "model" (state dict)} of the best so far
+        self.best: dict[str, Any] | None = None
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         if amp_dtype is not None and self.device.type != "cuda":
             log.warning("amp=%s is for CUDA only; training in float32 on %s", cfg.amp, self.device)
@@ -302,6 +322,7 @@ class Trainer:
                 "optimizer": encode_state(self.optimizer.state_dict(), tensors, "optimizer"),
                 "scaler": encode_state(self.scaler.state_dict(), tensors, "scaler"),
                 "recipe": encode_state(self.recipe.state_dict(), tensors, "recipe"),
+                "best": None if self.best is None else encode_state(self.best, tensors, "best"),
             }
             self.run.save_checkpoint(tensors, state)
         self.dist.barrier()
@@ -333,6 +354,8 @@ class Trainer:
         self.optimizer.load_state_dict(decode_state(state["optimizer"], tensors))
         self.scaler.load_state_dict(decode_state(state["scaler"], tensors))
         self.recipe.load_state_dict(decode_state(state["recipe"], tensors))
+        best = state.get("best")
+        self.best = None if best is None else decode_state(best, tensors)
         self.epoch, self.batch = state["epoch"], state["batch"]
         self.global_step, self.sums = state["global_step"], dict(state["sums"])
         if self.extend:
@@ -458,6 +481,10 @@ class Trainer:
                 "classes": list(self.train_data.classes) if self.train_data.classes else None,
             },
             "recipe": {"name": self.cfg.recipe.name, "options": self.cfg.recipe.options},
+            "teacher": teacher.describe()
+            if (teacher := getattr(self.recipe, "teacher", None))
+            else None,
+            "val_size": self.cfg.data.val_size,
             "defenses": self._defense_specs(),
             "world_size": self.dist.world_size,
             "versions": io.versions(),
@@ -516,18 +543,73 @@ class Trainer:
         for key, value in totals.items():
             row[f"train_{key}"] = value / n
         last = self.epoch + 1 == self.cfg.epochs
-        if (
+        due = (
             (self.cfg.eval_every and (self.epoch + 1) % self.cfg.eval_every == 0)
             or last
             or self.recipe.stop_training
-        ):
+        )
+        if due:
             row["test_acc"] = self.evaluate()
+        if self.val_loader is not None and (due or self.cfg.select.metric != "last"):
+            row.update(self.validate())
+            self._select(row)
         row["seconds"] = round(seconds, 3)
         return row
 
+    # -- validation and checkpoint selection ----------------------------------------------
+
+    def _select_eps(self) -> float | None:
+        sc = self.cfg.select
+        if sc.metric != "val_robust":
+            return None
+        eps = sc.eps if sc.eps is not None else getattr(self.recipe, "eps", None)
+        if not eps:
+            raise ConfigError(
+                f"select.metric=val_robust needs a budget: set select.eps (recipe "
+                f"{self.cfg.recipe.name!r} has no eps of its own)"
+            )
+        return float(eps)
+
+    def validate(self) -> dict[str, float]:
+        """Accuracy on the validation split: clean (``val_acc``) and, when checkpoints are
+        selected by it, under PGD at ``select.eps`` (``val_robust_acc``)."""
+        assert self.val_loader is not None
+        correct, total = count_correct(self.model, self.val_loader)
+        out = {"val_acc": (correct, total)}
+        if self.select_eps is not None:
+            from robustlab.attacks import PGD
+
+            sc = self.cfg.select
+            attack = PGD(
+                self.model, eps=self.select_eps, steps=sc.steps,
+                step_size=2.5 * self.select_eps / sc.steps, seed=self.cfg.seed,
+            )  # fmt: skip
+            robust = total = 0
+            for x, y in self.val_loader:
+                robust += int((~attack.run(x, y).success).sum())
+                total += int(y.numel())
+            out["val_robust_acc"] = (robust, total)
+        keys = sorted(out)
+        counts = torch.tensor([v for k in keys for v in out[k]], dtype=torch.float64)
+        counts = self.dist.all_reduce_sum(counts).tolist()
+        return {k: counts[2 * i] / counts[2 * i + 1] for i, k in enumerate(keys)}
+
+    def _select(self, row: dict[str, Any]) -> None:
+        """Keep the weights of the best epoch so far on the validation metric (ties: the
+        earlier epoch). Every rank holds the same copy (the scores are all-reduced)."""
+        key = {"val_acc": "val_acc", "val_robust": "val_robust_acc"}.get(self.cfg.select.metric)
+        if key is None:
+            return
+        if self.best is None or row[key] > self.best["score"]:
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best = {"score": row[key], "epoch": row["epoch"], "model": state}
+
     def evaluate(self) -> float:
         """Clean test accuracy of the current model (sharded over processes)."""
-        correct, total = count_correct(self.model, self.test_loader)
+        return self._accuracy(self.model, self.test_loader)
+
+    def _accuracy(self, model: nn.Module, loader: BatchLoader) -> float:
+        correct, total = count_correct(model, loader)
         counts = self.dist.all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64))
         return float(counts[0] / counts[1])
 
@@ -605,10 +687,27 @@ class Trainer:
         return self._finish(last_row)
 
     def _finish(self, last_row: dict[str, Any]) -> Path:
-        exported = self.recipe.export(self.model)
         if not last_row:  # resumed a run stopped between its last epoch and its export
             rows = self.run.metrics()
             last_row = rows[-1] if rows else {"test_acc": self.evaluate()}
+        final = {k: last_row[k] for k in ("epoch", "train_acc", "test_acc") if k in last_row}
+        if self.best is not None:  # the selected epoch's weights are what is saved
+            self.model.load_state_dict(self.best["model"])
+            metric = self.cfg.select.metric
+            final.update(
+                selected_by=metric, selected_epoch=self.best["epoch"],
+                selected_score=self.best["score"], test_acc=self.evaluate(),
+            )  # fmt: skip
+            log.info(
+                "saving epoch %d's weights (best %s %.4f on %d validation images)",
+                self.best["epoch"], metric, self.best["score"], len(self.val_data or []),
+            )  # fmt: skip
+        teacher = getattr(self.recipe, "teacher", None)
+        if teacher is not None:  # the teacher's accuracy on the same splits, for comparison
+            final["teacher_test_acc"] = self._accuracy(teacher.module, self.test_loader)
+            if self.val_loader is not None:
+                final["teacher_val_acc"] = self._accuracy(teacher.module, self.val_loader)
+        exported = self.recipe.export(self.model)
         from robustlab.defenses import DefendedModel
 
         if isinstance(exported, DefendedModel):  # weights of the model; defenses in meta
@@ -618,7 +717,6 @@ class Trainer:
             extras = self.recipe.export_extras(self.model)
             for filename, tensors in extras.items():
                 self.run.save_extra(filename, tensors)
-            final = {k: last_row[k] for k in ("epoch", "train_acc", "test_acc") if k in last_row}
             self._write_meta(status="complete", final=final, extras=list(extras))
         self.dist.barrier()
         return self.run_dir

@@ -2,12 +2,16 @@
 
 from robustlab.train.recipes import (  # noqa: F401  (register)
     advprop,
+    ard,
+    defensive,
     distill,
     fast,
     fgsm,
+    hints,
     lmt,
     nfgsm,
     pgd,
+    rslad,
     standard,
     trades,
 )

@@ -18,11 +18,13 @@ def distillation_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, summed over classes and
-    averaged over the batch (``batchmean``). The ``T^2`` keeps the soft term's gradients
-    on the scale of the hard term's as T changes (Hinton et al., section 2)."""
+    averaged over the batch (``batchmean``), in at least float32. The ``T^2`` keeps the
+    soft term's gradients on the scale of the hard term's as T changes (Hinton et al.,
+    section 2)."""
     t = float(temperature)
-    log_p_student = F.log_softmax(student_logits.float() / t, 1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / t, 1)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # float64 stays
+    log_p_student = F.log_softmax(student_logits.to(dtype) / t, 1)
+    log_p_teacher = F.log_softmax(teacher_logits.to(dtype) / t, 1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return t * t * kl
 
@@ -55,8 +57,18 @@ class Teacher:
         self.module.to(device)
         return self
 
+    def describe(self) -> dict[str, Any]:
+        """What the student's run records about its teacher (``meta.json``)."""
+        size = sum(p.numel() for p in self.module.parameters())
+        return {"source": self.source, "parameters": size}
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for ``x`` (moved to ``x``'s device on first use: the
+        trainer places the student after the recipe prepared it)."""
+        device = next((p.device for p in self.module.parameters()), x.device)
+        if device != x.device:
+            self.module.to(x.device)
         return self.module(x)
 
 
@@ -97,12 +109,6 @@ class Distillation(Recipe):
             raise ConfigError(f"distill recipe: alpha must be in [0, 1], got {alpha}")
         self.teacher = Teacher(teacher)
         self.temperature, self.alpha = float(temperature), float(alpha)
-
-    def prepare(self, model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
-        model = super().prepare(model, example)
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.teacher.to(device)
-        return model
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         teacher_logits = self.teacher(x)
