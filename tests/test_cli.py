@@ -183,3 +183,30 @@ def test_certify_command_writes_the_bound_and_certified_accuracy(tiny_config, ca
     assert result["report"]["guaranteed"] is False and result["bound"]["guaranteed"] is False
     assert "estimated_certified_accuracy" in result["report"]
     assert "certified_accuracy" not in result["report"]
+
+
+def test_eval_teacher_scores_the_teacher_on_the_same_points(tiny_config, capsys):
+    from robustlab import Trainer
+    from robustlab.evaluate import evaluate
+
+    teacher = Trainer(tiny_config("epochs=1", "name=teacher")).fit()
+    student = Trainer(tiny_config(
+        "epochs=1", "name=student", "model.name=mlp", "recipe.name=distill",
+        f"recipe.options={{teacher: {teacher}}}",
+    )).fit()  # fmt: skip
+    args = ["eval", str(student), "--attacks", "pgd:steps=3", "--eps", "0.1", "--n", "40"]
+    assert main([*args, "--teacher"]) == 0
+    assert f"teacher {teacher}:" in capsys.readouterr().out
+    result = json.loads((student / "eval.json").read_text())
+    # independent reference: the teacher evaluated directly, same points, attack and seed
+    data = rl.load_dataset("synthetic", "test", size=12, n_train=256, n_test=128,
+                           num_classes=4).subset(40)  # fmt: skip
+    ref = evaluate(rl.load(teacher), data, attacks=["pgd:steps=3"], eps=[0.1], seed=0)
+    got = result["teacher"]
+    assert got["run"] == str(teacher) and got["clean_accuracy"] == ref.clean_accuracy
+    assert got["robust"]["results"][0]["robust_accuracy"] == ref.results[0].robust_accuracy
+    assert got["parameters"] > result["parameters"]  # small_cnn teacher, mlp student
+    assert main(["eval", str(teacher), "--eps", "0.1", "--teacher"]) != 0
+    assert "was not trained from a teacher" in capsys.readouterr().err
+    assert main(["eval", str(student), "--teacher"]) != 0
+    assert "--teacher needs --eps" in capsys.readouterr().err

@@ -79,13 +79,16 @@ def _load_run_data(run: Path, split: str, n: int):
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from robustlab.evaluate import clean_accuracy, evaluate
-    from robustlab.io import EVAL_FILE, EVAL_STATE_FILE, Run, load
+    from robustlab.io import EVAL_FILE, EVAL_STATE_FILE, TEACHER_STATE_FILE, Run, load
 
     run = Run(args.run).require()
     eps = _split_floats(args.eps)
     if args.transfer_from and not eps:
         raise ConfigError("--transfer-from needs --eps (the budgets to attack the sources at)")
     sources = [Run(s).require() for s in args.transfer_from or []]  # checked before any work
+    teacher = _teacher_run(run) if args.teacher else None
+    if teacher is not None and not eps:
+        raise ConfigError("--teacher needs --eps (the budgets to attack both models at)")
     model = _defended(load(run.path, device=_device(args.device)), args.defense)
     data, name = _load_run_data(run.path, args.split, args.n)
     result: dict = {"split": args.split, "n": len(data)}
@@ -120,9 +123,41 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 result.setdefault("transfer", {})[str(src.path)] = transfer.to_dict()
                 print(f"transfer from {src.path}:")
                 print(transfer.table())
+            if teacher is not None:  # the same points, attacks and seed as the student
+                report = evaluate(
+                    load(teacher.path, device=_device(args.device)), data, attacks=attacks,
+                    eps=eps, norm=args.norm, batch_size=args.batch_size, seed=args.seed,
+                    state_file=run.file(TEACHER_STATE_FILE), eot_samples=args.eot_samples,
+                    checks={"cheap": True, "full": "full", "off": False}[args.checks],
+                )  # fmt: skip
+                result["teacher"] = {
+                    "run": str(teacher.path),
+                    "parameters": run.meta()["teacher"].get("parameters"),
+                    "clean_accuracy": report.clean_accuracy,
+                    "robust": report.to_dict(),
+                }
+                result["parameters"] = sum(p.numel() for p in model.parameters())
+                print(f"teacher {teacher.path}:")
+                print(report.table())
         path = run.write_output(EVAL_FILE, result)
     print(f"written         {path}")
     return 0
+
+
+def _teacher_run(run):
+    """The distillation teacher a run recorded (``meta.json``), as a run directory."""
+    from robustlab.io import Run
+
+    teacher = run.meta().get("teacher")
+    if not teacher:
+        raise ConfigError(f"--teacher: {run.path} was not trained from a teacher")
+    source = Path(teacher["source"])
+    if not Run(source).is_run():
+        raise ConfigError(
+            f"--teacher: {run.path}'s teacher {teacher['source']} is not a run directory "
+            "(a module passed from Python, or moved): evaluate it yourself"
+        )
+    return Run(source).require()
 
 
 def _corruption_options(args: argparse.Namespace) -> tuple[list[str] | None, list[int] | None]:
@@ -568,6 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--transfer-from", nargs="+", metavar="SRC",
         help="also score examples made on these runs (black-box transfer), one table each",
+    )  # fmt: skip
+    p.add_argument(
+        "--teacher", action="store_true",
+        help="also evaluate the run's distillation teacher (recorded in its meta.json) on the "
+        "same points, attacks and seed; stored under 'teacher' in eval.json",
     )  # fmt: skip
     p.add_argument(
         "--checks", default="cheap", choices=["cheap", "full", "off"],

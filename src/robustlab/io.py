@@ -48,6 +48,8 @@ EVAL_FILE, EVAL_STATE_FILE, COMPARE_STATE_FILE = (
     "eval_state.json",
     "compare_state.json",
 )
+#: `eval --teacher`: the distillation teacher's evaluation state, kept in the student's run
+TEACHER_STATE_FILE = "eval_teacher_state.json"
 CERTIFY_FILE, CERTIFIED_PLOT = "certify.json", "certified.png"
 DETECT_FILE = "detect.json"
 #: corruption reports, one per source (generated ImageNet-C, MNIST-C, files read), and
@@ -62,8 +64,8 @@ FORMAT_VERSION = 1
 #: every file a run directory may hold that robustlab wrote (recipe extras are listed in meta)
 OWNED_FILES = (
     CONFIG_FILE, META_FILE, MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, EVAL_FILE,
-    EVAL_STATE_FILE, COMPARE_STATE_FILE, CERTIFY_FILE, CERTIFIED_PLOT, DETECT_FILE,
-    CORRUPTIONS_FILE, *CORRUPTIONS_PLOTS,
+    EVAL_STATE_FILE, COMPARE_STATE_FILE, TEACHER_STATE_FILE, CERTIFY_FILE, CERTIFIED_PLOT,
+    DETECT_FILE, CORRUPTIONS_FILE, *CORRUPTIONS_PLOTS,
 )  # fmt: skip
 
 
@@ -545,7 +547,9 @@ class Run:
         in meta.json, and temporary files its atomic writes left behind)."""
         if not self.path.is_dir():
             return []
-        names = set(OWNED_FILES) | {f"{EVAL_STATE_FILE}.lock", f"{COMPARE_STATE_FILE}.lock"}
+        names = set(OWNED_FILES) | {
+            f"{f}.lock" for f in (EVAL_STATE_FILE, COMPARE_STATE_FILE, TEACHER_STATE_FILE)
+        }
         with contextlib.suppress(CheckpointError):
             extras = self.meta().get("extras", []) if self.is_run() else []
             names.update(e for e in extras if isinstance(e, str) and Path(e).name == e)

@@ -439,3 +439,13 @@ def test_defensive_distillation_masks_gradients_and_the_checks_say_so(tmp_path):
     assert verdicts["saturation"].verdict == "warn"
     assert verdicts["gradients"].verdict in ("warn", "fail")
     assert "saturates" in verdicts["gradients"].reason
+
+
+def test_fitnets_regressor_maps_the_guided_shape_onto_the_hint_shape():
+    from robustlab.train.recipes.hints import make_regressor
+
+    conv = make_regressor(torch.Size([2, 16, 10, 10]), torch.Size([2, 64, 7, 7]))
+    assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (4, 4)  # 10 - 7 + 1
+    assert conv(torch.rand(2, 16, 10, 10)).shape == (2, 64, 7, 7)
+    wide = make_regressor(torch.Size([2, 8, 9, 12]), torch.Size([2, 4, 9, 5]))
+    assert wide.kernel_size == (1, 8) and wide(torch.rand(2, 8, 9, 12)).shape == (2, 4, 9, 5)

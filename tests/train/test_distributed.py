@@ -126,3 +126,29 @@ def test_lmt_two_processes_match_one_process(tiny_config, tmp_path):
     weights = {n: load_file(str(run / "model.safetensors")) for n, run in runs.items()}
     for key in weights[1]:
         torch.testing.assert_close(weights[2][key], weights[1][key], rtol=1e-4, atol=1e-5)
+
+
+@needs_torchrun
+def test_hints_and_validation_selection_two_processes_match_one_process(tiny_config, tmp_path):
+    """FitNets' regressor lives outside the student's forward and stage 1 leaves the
+    later layers at weight zero: DDP must still average every gradient (it raises on a
+    parameter without one). The validation split is sharded and its accuracy all-reduced,
+    so both choose the same epoch and save the same weights."""
+    from robustlab.train import Trainer
+
+    teacher = Trainer(tiny_config(
+        "name=teacher", "model.name=mlp", "epochs=1",
+        "data.options={size: 8, n_train: 128, n_test: 64, num_classes: 4}",
+    )).fit()  # fmt: skip
+    runs = _one_and_two_processes(
+        tiny_config, tmp_path, "hints", "epochs=3", "recipe.name=hints",
+        f"recipe.options={{teacher: {teacher}, student_layer: net.2, teacher_layer: net.4, "
+        "hint_epochs: 1}", "data.val_size=32", "select.metric=val_acc",
+    )  # fmt: skip
+    weights = {n: load_file(str(run / "model.safetensors")) for n, run in runs.items()}
+    assert not any("regressor" in k for k in weights[2])
+    for key in weights[1]:
+        torch.testing.assert_close(weights[2][key], weights[1][key], rtol=1e-4, atol=1e-5)
+    finals = [json.loads((runs[n] / "meta.json").read_text())["final"] for n in (1, 2)]
+    assert finals[0]["selected_epoch"] == finals[1]["selected_epoch"]
+    assert finals[0]["selected_score"] == pytest.approx(finals[1]["selected_score"])
