@@ -41,10 +41,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if trainer.dist.is_main:
         from robustlab.io import Run
 
-        acc = Run(run_dir).meta_section("final").get("test_acc")
+        final = Run(run_dir).meta_section("final")
+        acc = final.get("test_acc")
         print(f"run       {run_dir}")
         if acc is not None:
             print(f"test acc  {100 * acc:.2f}%  (clean, {len(trainer.test_data)} images)")
+        if "selected_epoch" in final:
+            print(
+                f"saved     epoch {final['selected_epoch']}: best {final['selected_by']} "
+                f"{100 * final['selected_score']:.2f}% on {cfg.data.val_size} held-out images"
+            )
+        if "teacher_test_acc" in final:
+            print(f"teacher   {100 * final['teacher_test_acc']:.2f}% test acc (clean)")
     return 0
 
 
@@ -151,7 +159,7 @@ def _teacher_run(run):
     teacher = run.meta().get("teacher")
     if not teacher:
         raise ConfigError(f"--teacher: {run.path} was not trained from a teacher")
-    source = Path(teacher["source"])
+    source = Path(teacher.get("path") or teacher["source"])
     if not Run(source).is_run():
         raise ConfigError(
             f"--teacher: {run.path}'s teacher {teacher['source']} is not a run directory "

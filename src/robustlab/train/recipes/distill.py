@@ -41,10 +41,10 @@ class Teacher:
         if isinstance(teacher, (str, Path)):
             from robustlab.io import load
 
-            self.source = str(teacher)
+            self.source, self.path = str(teacher), str(Path(teacher).resolve())
             self.module = load(teacher)
         elif isinstance(teacher, nn.Module):
-            self.source, self.module = type(teacher).__name__, teacher
+            self.source, self.module, self.path = type(teacher).__name__, teacher, None
         else:
             raise ConfigError(
                 f"teacher must be a run directory or an nn.Module, got {type(teacher).__name__}"
@@ -60,7 +60,10 @@ class Teacher:
     def describe(self) -> dict[str, Any]:
         """What the student's run records about its teacher (``meta.json``)."""
         size = sum(p.numel() for p in self.module.parameters())
-        return {"source": self.source, "parameters": size}
+        out: dict[str, Any] = {"source": self.source, "parameters": size}
+        if self.path is not None:  # found again from any working directory
+            out["path"] = self.path
+        return out
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
