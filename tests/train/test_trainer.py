@@ -91,16 +91,25 @@ _RANDOMISED = {
 
 @pytest.mark.parametrize(
     "randomness,checkpoint_every",
-    [("augment", 5), ("augment", 0), ("pgd+dropout", 5), ("pgd", 0), ("fast", 3)],
-)
+    [("augment", 5), ("augment", 0), ("pgd+dropout", 5), ("pgd", 0), ("fast", 3),
+     ("hints+select", 4)],
+)  # fmt: skip
 def test_resume_after_kill_reaches_the_same_weights(
     tiny_config, tmp_path, randomness, checkpoint_every
 ):
     """SIGKILL a run mid-epoch, resume it, compare with a run never interrupted: bit-identical
     weights and metrics whatever draws randomness (augmentation, random starts, dropout)."""
+    if randomness == "hints+select":  # a teacher's run, a regressor, the best state
+        teacher = Trainer(tiny_config("epochs=1", "name=teacher")).fit()
+        extra = [
+            "model.name=lenet", "recipe.name=hints", "data.val_size=64",
+            "select.metric=val_acc", f"recipe.options={{teacher: {teacher}, "
+            "student_layer: net.1, teacher_layer: net.1, hint_epochs: 1}",
+        ]  # fmt: skip
+    else:
+        extra = _RANDOMISED[randomness]
     common = [
-        "epochs=3", f"checkpoint_every={checkpoint_every}", "optim.schedule=onecycle",
-        *_RANDOMISED[randomness],
+        "epochs=3", f"checkpoint_every={checkpoint_every}", "optim.schedule=onecycle", *extra,
     ]  # fmt: skip
     paths = {}
     for name in ("whole", "killed"):
