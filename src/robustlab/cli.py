@@ -35,6 +35,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.out_dir:
         overrides.append(f"out_dir={args.out_dir}")
+    if args.tensorboard:
+        overrides.append("tensorboard=true")
     cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, extend=args.extend)
     run_dir = trainer.fit()
@@ -355,6 +357,28 @@ def _defended(model, specs: list[str] | None):
     return defend(model, specs)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from robustlab.report import Options, write_report
+
+    if args.examples < 0:
+        raise ConfigError(f"--examples must be >= 0, got {args.examples}")
+    transfer = None
+    if args.transfer:
+        try:
+            transfer = json.loads(Path(args.transfer).read_text())
+            transfer["names"], transfer["sources"], transfer["accuracy"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ConfigError(
+                f"--transfer {args.transfer} is not a `robustlab transfer` result ({err})"
+            ) from None
+    path = write_report(
+        args.runs, args.out, Options(examples=args.examples, transfer=transfer),
+        overwrite=args.overwrite, title=args.title,
+    )  # fmt: skip
+    print(f"written         {path}")
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from robustlab.evaluate import evaluate
     from robustlab.io import COMPARE_STATE_FILE, Run, load
@@ -565,6 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
     )
     p.add_argument("--out-dir", help="parent directory of the run (default: the config's out_dir)")
+    p.add_argument(
+        "--tensorboard", action="store_true",
+        help="also log each epoch's metrics as TensorBoard events in the run directory "
+        "(needs the tensorboard package; view with tensorboard --logdir runs)",
+    )  # fmt: skip
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--resume", action="store_true", help="continue from the run's last checkpoint"
@@ -690,6 +719,23 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_data_args(p)
     p.set_defaults(func=_cmd_transfer)
+
+    p = sub.add_parser(
+        "report", help="a self-contained HTML (or Markdown, JSON) report of one or more runs"
+    )
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("-o", "--out", required=True, help="report.html, report.md or report.json")
+    p.add_argument(
+        "--transfer", metavar="JSON", help="a `robustlab transfer` result to show as a matrix"
+    )
+    p.add_argument(
+        "--examples", type=int, default=4,
+        help="adversarial examples per evaluated run (computed: PGD-20 at the largest eps; "
+        "0: none)",
+    )  # fmt: skip
+    p.add_argument("--title", default="robustlab report")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report file")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("compare", help="clean and robust accuracy of several runs side by side")
     p.add_argument("runs", nargs="+", help="run directories")

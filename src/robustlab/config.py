@@ -188,6 +188,7 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm when data-parallel
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: epoch ends)
     eval_every: int = 1  # clean test accuracy every N epochs (0: only at the end)
+    tensorboard: bool = False  # also log each epoch's metrics as TensorBoard events in the run
     defenses: list[str] = field(default_factory=list)  # inference defenses in front of the
     # model, trained through and saved with it: specs such as "jpeg:quality=75"
     data: DataConfig = field(default_factory=DataConfig)

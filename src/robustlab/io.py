@@ -60,6 +60,8 @@ CORRUPTIONS_PLOTS = tuple(
     f"corruptions-{kind}{tail}.png" for kind in CORRUPTION_KINDS for tail in ("", "-severity")
 )
 LOCK_FILE = ".lock"
+#: TensorBoard event files (``train --tensorboard``), written into the run directory itself
+TENSORBOARD_PREFIX = "events.out.tfevents."
 FORMAT_VERSION = 1
 #: every file a run directory may hold that robustlab wrote (recipe extras are listed in meta)
 OWNED_FILES = (
@@ -557,7 +559,11 @@ class Run:
             p
             for p in self.path.iterdir()
             if p.is_file()
-            and (p.name in names or (p.name.startswith(".") and p.name.endswith(".tmp")))
+            and (
+                p.name in names
+                or (p.name.startswith(".") and p.name.endswith(".tmp"))
+                or p.name.startswith(TENSORBOARD_PREFIX)
+            )
         )
 
     def clear(self) -> list[str]:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import robustlab as rl
 from robustlab.config import OptimConfig, dump_config
-from robustlab.errors import CheckpointError, RobustlabError
+from robustlab.errors import CheckpointError, ConfigError, RobustlabError
 from robustlab.io import load
 from robustlab.train import Trainer, lr_at
 from robustlab.train.recipes import RECIPES, Recipe
@@ -305,3 +305,37 @@ def test_state_codec_round_trips_an_optimizer_state():
         assert torch.equal(fresh.state_dict()["state"][0][k], opt.state_dict()["state"][0][k])
     with pytest.raises(TypeError, match="cannot checkpoint a value of type object"):
         encode_state({"x": object()}, {}, "bad")
+
+
+def test_tensorboard_logs_every_epoch_and_is_cleared_by_overwrite(tiny_config, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = Trainer(tiny_config("epochs=2", "tensorboard=true")).fit()
+    events = sorted(run.glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    rows = _rows(run)
+    for key in ("train_loss", "train_acc", "test_acc"):
+        logged = [(e.step, e.value) for e in acc.Scalars(key)]
+        assert logged == [(r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in rows], key
+    Trainer(tiny_config("epochs=1"), overwrite=True).fit()  # the old events go with the run
+    assert not list(run.glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_missing_is_a_clear_error_before_any_work(tiny_config, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith(("torch.utils.tensorboard", "tensorboard")):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    cfg = tiny_config("tensorboard=true")
+    with pytest.raises(ConfigError, match=r"pip install tensorboard"):
+        Trainer(cfg)
+    assert not (Path(cfg.out_dir) / cfg.name).exists()

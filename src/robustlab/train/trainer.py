@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 KILL_ENV = "ROBUSTLAB_KILL_AT_STEP"
 # Config keys that may differ when resuming; ``epochs`` too when extending a run. out_dir
 # and name locate the run (the same directory may be spelled differently).
-_RESUMABLE_CHANGES = {"eval_every", "out_dir", "name"}
+_RESUMABLE_CHANGES = {"eval_every", "out_dir", "name", "tensorboard"}
 
 
 # ----------------------------------------------------------------------------- state codec
@@ -177,6 +177,15 @@ class Trainer:
         self.device = resolve_device(cfg.device, local_rank())
         self.dist = init_distributed(self.device)
         self.tqdm_disable = _tqdm_disable(progress, self.dist)
+        if cfg.tensorboard and self.dist.is_main:  # checked before any work is done
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "tensorboard: true needs the tensorboard package (pip install tensorboard); "
+                    "the metrics are in metrics.jsonl either way"
+                ) from None
+        self._writer: Any = None
         if cfg.data.batch_size % self.dist.world_size:
             raise ConfigError(
                 f"data.batch_size ({cfg.data.batch_size}) is the global batch and must be "
@@ -613,11 +622,27 @@ class Trainer:
         counts = self.dist.all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64))
         return float(counts[0] / counts[1])
 
+    def _log_tensorboard(self, row: dict[str, Any]) -> None:
+        """The epoch's numbers as TensorBoard scalars (``tensorboard --logdir runs``)."""
+        if not self.cfg.tensorboard:
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.run_dir))
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(key, value, row["epoch"])
+        self._writer.flush()
+
     def fit(self) -> Path:
         """Train to the end (or resume to the end); returns the run directory."""
         try:
             return self._fit()
         finally:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
             self._release_lock()
             self.dist.close()
 
@@ -672,6 +697,7 @@ class Trainer:
             last_row = row
             if self.dist.is_main:
                 self.run.append_metrics(row)
+                self._log_tensorboard(row)
             log.info(
                 "epoch %d/%d  loss %.4f  train acc %.4f%s  (%.1f s)", epoch + 1, cfg.epochs,
                 row.get("train_loss", math.nan), row["train_acc"],

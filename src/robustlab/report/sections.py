@@ -1,0 +1,552 @@
+"""The report's sections: one function each, registered in order.
+
+A section function takes the runs (and the report's options) and returns a
+:class:`Section`, or ``None`` when none of the runs has that kind of result. Adding a
+kind of result to every report format (HTML, Markdown, JSON) is one new function here.
+"""
+
+from __future__ import annotations
+
+import base64
+import io as _io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from robustlab.report.collect import RunData, wilson_interval
+
+#: colour-blind-safe (Okabe & Ito 2008), in the order lines are drawn
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+
+
+@dataclass
+class Figure:
+    caption: str
+    png: bytes  #: the image
+    alt: str  #: what it shows, for readers who cannot see it
+
+    @property
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.png).decode()
+
+
+@dataclass
+class Section:
+    """A titled part of the report: a paragraph, a table, figures and their numbers."""
+
+    key: str
+    title: str
+    text: str = ""
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    items: list[str] = field(default_factory=list)  #: a bulleted list (warnings)
+    data: dict[str, Any] = field(default_factory=dict)  #: the numbers behind it (JSON)
+
+
+@dataclass
+class Options:
+    examples: int = 4  #: adversarial examples per run (0: none; the only section that computes)
+    transfer: dict[str, Any] | None = None  #: a `robustlab transfer` JSON
+
+
+SectionFn = Callable[[list[RunData], Options], "Section | None"]
+SECTIONS: list[SectionFn] = []
+
+
+def section(fn: SectionFn) -> SectionFn:
+    """Register a section (the report shows them in registration order)."""
+    SECTIONS.append(fn)
+    return fn
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def pct(v: float | None, digits: int = 1) -> str:
+    return "–" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def robust_points(run: RunData) -> list[dict[str, Any]]:
+    """Per eps: worst-case accuracy, its Wilson interval, the naive (non-adaptive)
+    accuracy for defended models, and the attack that broke the most points."""
+    robust = run.robust
+    if not robust:
+        return []
+    n = int(robust.get("n") or (run.eval or {}).get("n") or 0)
+    out = []
+    if "modes" in robust:  # a defended model: adaptive evaluation (one report per mode)
+        naive = robust["modes"].get("naive", {}).get("results", [])
+        for i, e in enumerate(robust.get("eps", [])):
+            acc = robust["robust_accuracy"][i]
+            modes = {
+                m: r["results"][i]["robust_accuracy"]
+                for m, r in robust["modes"].items()
+                if m != "none" and i < len(r.get("results", []))
+            }
+            out.append(
+                {
+                    "eps": e,
+                    "accuracy": acc,
+                    "ci": wilson_interval(round(acc * n), n),
+                    "naive": naive[i]["robust_accuracy"] if i < len(naive) else None,
+                    "strongest": min(modes, key=modes.get) if modes else None,
+                }
+            )
+        return out
+    for r in robust.get("results", []):
+        stages = r.get("stages") or []
+        best = max(stages, key=lambda s: s.get("broken", 0), default=None)
+        out.append(
+            {
+                "eps": r["eps"],
+                "accuracy": r["robust_accuracy"],
+                "ci": wilson_interval(round(r["robust_accuracy"] * n), n),
+                "naive": None,
+                "strongest": best["attack"] if best and best.get("broken") else None,
+            }
+        )
+    return out
+
+
+def clean_accuracy(run: RunData) -> float | None:
+    if run.eval and run.eval.get("clean_accuracy") is not None:
+        return run.eval["clean_accuracy"]
+    return (run.meta.get("final") or {}).get("test_acc")
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@section
+def summary(runs: list[RunData], opts: Options) -> Section:
+    eps_all = sorted({p["eps"] for r in runs for p in robust_points(r)})
+    header = ["run", "model", "recipe", "seed", "clean"]
+    header += [f"robust @ {e:g}" for e in eps_all]
+    header += [
+        "strongest attack",
+        "naive → adaptive",
+        "certified",
+        "corruptions",
+        "train time",
+        "validity",
+    ]
+    rows, data = [], []
+    for run in runs:
+        points = {p["eps"]: p for p in robust_points(run)}
+        n = (run.robust or {}).get("n")
+        cells = [run.name, run.model, run.recipe, str(run.seed), pct(clean_accuracy(run))]
+        for e in eps_all:
+            p = points.get(e)
+            cells.append(
+                "–"
+                if p is None
+                else f"{pct(p['accuracy'])} [{pct(p['ci'][0], 0)}, {pct(p['ci'][1], 0)}]"
+            )
+        last = points[max(points)] if points else None
+        cells.append(
+            f"{last['strongest']} (eps {last['eps']:g})" if last and last["strongest"] else "–"
+        )
+        naive = [p for p in points.values() if p["naive"] is not None]
+        cells.append(
+            ", ".join(f"{pct(p['naive'])} → {pct(p['accuracy'])} @ {p['eps']:g}" for p in naive)
+            or "–"
+        )
+        cells.append(_certified_cell(run))
+        cells.append(_corruption_cell(run))
+        seconds = run.train_seconds
+        cells.append("–" if seconds is None else f"{seconds:.0f} s")
+        flags = run.flagged()
+        cells.append(
+            ", ".join(f"{c['verdict']}: {c['name']}" for c in flags)
+            or ("passed" if run.robust and run.robust.get("validity") else "–")
+        )
+        rows.append(cells)
+        data.append(
+            {
+                "run": str(run.path),
+                "clean": clean_accuracy(run),
+                "n": n,
+                "robust": points and list(points.values()),
+                "train_seconds": seconds,
+                "flags": [c["name"] for c in flags],
+            }
+        )
+    return Section(
+        "summary",
+        "Summary",
+        "One row per run. Robust accuracy is the per-point worst case over the evaluation's "
+        'attacks, with a 95% Wilson interval over the points evaluated; "naive → adaptive" '
+        "is for defended models (the attack that ignores the defense, then the worst case "
+        "over BPDA, EOT and transfer). Nothing here is recomputed: it is read from each run "
+        "directory.",
+        header=header,
+        rows=rows,
+        data={"runs": data},
+    )
+
+
+def _certified_cell(run: RunData) -> str:
+    report = (run.certify or {}).get("report") or {}
+    radii = report.get("radii") or []
+    values = report.get("certified_accuracy") or report.get("estimated_certified_accuracy")
+    if not radii or not values:
+        return "–"
+    tag = "" if report.get("guaranteed") else " (estimate)"
+    return ", ".join(f"{pct(a)} @ {r:g}" for r, a in zip(radii, values)) + tag
+
+
+def _corruption_cell(run: RunData) -> str:
+    reports = (run.corruptions or {}).get("reports") or {}
+    parts = []
+    for source, rep in reports.items():
+        mean = rep.get("mean_accuracy")
+        mce = rep.get("mce")
+        label = source if source in ("generate", "mnist-c") else "files"
+        parts.append(f"{label}: {pct(mean)} mean" + (f", mCE {pct(mce, 0)}" if mce else ""))
+    return "; ".join(parts) or "–"
+
+
+@section
+def accuracy_vs_eps(runs: list[RunData], opts: Options) -> Section | None:
+    curves = {r.name: robust_points(r) for r in runs if robust_points(r)}
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    data = {}
+    for i, (name, points) in enumerate(curves.items()):
+        run = next(r for r in runs if r.name == name)
+        clean = clean_accuracy(run)
+        xs = [0.0] + [p["eps"] for p in points]
+        ys = [clean] + [p["accuracy"] for p in points]
+        lo = [clean] + [p["ci"][0] for p in points]
+        hi = [clean] + [p["ci"][1] for p in points]
+        color = PALETTE[i % len(PALETTE)]
+        ax.plot(xs, [100 * y for y in ys], marker="o", color=color, label=name)
+        ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=color, alpha=0.15)
+        naive = [(p["eps"], p["naive"]) for p in points if p["naive"] is not None]
+        if naive:
+            ax.plot(
+                [0.0] + [e for e, _ in naive],
+                [100 * clean] + [100 * a for _, a in naive],
+                ls="--",
+                color=color,
+                label=f"{name} (naive)",
+            )
+        data[name] = {"eps": xs, "accuracy": ys, "ci_low": lo, "ci_high": hi, "naive": naive}
+    norms = {(r.robust or {}).get("norm", "linf") for r in runs if r.robust}
+    ax.set_xlabel(f"eps ({'/'.join(sorted(norms))}, pixel units)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Worst-case robust accuracy (band: 95% interval)")
+    fig.tight_layout()
+    return Section(
+        "accuracy_vs_eps",
+        "Accuracy versus eps",
+        figures=[
+            Figure(
+                "Worst-case robust accuracy per eps; eps 0 is clean accuracy.",
+                _png(fig),
+                "line plot of robust accuracy against eps, one line per run",
+            )
+        ],
+        data=data,
+    )
+
+
+@section
+def certified(runs: list[RunData], opts: Options) -> Section | None:
+    rows = [(r, (r.certify or {}).get("report") or {}) for r in runs if r.certify]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    data = {}
+    for i, (run, rep) in enumerate(rows):
+        values = rep.get("certified_accuracy") or rep.get("estimated_certified_accuracy") or []
+        radii = rep.get("radii") or []
+        tag = "" if rep.get("guaranteed") else " (estimate)"
+        ax.plot(
+            [0.0, *radii],
+            [100 * (rep.get("clean_accuracy") or 0)] + [100 * v for v in values],
+            marker="s",
+            color=PALETTE[i % len(PALETTE)],
+            label=run.name + tag,
+        )
+        data[run.name] = {
+            "radii": radii,
+            "certified_accuracy": values,
+            "guaranteed": rep.get("guaranteed"),
+        }
+    ax.set_xlabel("L2 radius (pixel units)")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return Section(
+        "certified",
+        "Certified accuracy versus radius",
+        "Points whose certified radius (from a proven Lipschitz bound) reaches each radius "
+        "and that are classified correctly; radius 0 is clean accuracy.",
+        figures=[
+            Figure(
+                "Certified accuracy per L2 radius.",
+                _png(fig),
+                "line plot of certified accuracy against radius",
+            )
+        ],
+        data=data,
+    )
+
+
+@section
+def training(runs: list[RunData], opts: Options) -> Section | None:
+    with_rows = [r for r in runs if r.metrics]
+    if not with_rows:
+        return None
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    data = {}
+    for i, run in enumerate(with_rows):
+        color = PALETTE[i % len(PALETTE)]
+        epochs = [r["epoch"] for r in run.metrics]
+        loss = [r.get("train_loss") for r in run.metrics]
+        ax1.plot(epochs, loss, color=color, marker=".", label=run.name)
+        for key, style in (("train_acc", ":"), ("test_acc", "-"), ("val_acc", "--")):
+            pts = [(r["epoch"], r[key]) for r in run.metrics if key in r]
+            if pts:
+                ax2.plot(
+                    [p[0] for p in pts],
+                    [100 * p[1] for p in pts],
+                    ls=style, marker=".",
+                    color=color,
+                    label=f"{run.name} {key}",
+                )
+        data[run.name] = run.metrics
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("accuracy (%)")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=6)
+    fig.tight_layout()
+    return Section(
+        "training",
+        "Training curves",
+        "From metrics.jsonl: training loss, and accuracy on the training batches (dotted; "
+        "adversarial batches for adversarial recipes), the test split (solid) and the "
+        "validation split (dashed) where one was held out.",
+        figures=[
+            Figure(
+                "Loss and accuracy per epoch.",
+                _png(fig),
+                "two line plots: loss and accuracy per epoch for each run",
+            )
+        ],
+        data=data,
+    )
+
+
+@section
+def examples(runs: list[RunData], opts: Options) -> Section | None:
+    """Adversarial examples: the one section that computes (a PGD-20 on a few points)."""
+    if opts.examples <= 0:
+        return None
+    figures, data = [], {}
+    for run in runs:
+        points = robust_points(run)
+        if not points or (run.robust or {}).get("norm", "linf") != "linf":
+            continue
+        eps = max(p["eps"] for p in points)
+        fig, info = _example_grid(run, eps, opts.examples)
+        figures.append(
+            Figure(
+                f"{run.name}: PGD-20 at L-inf eps {eps:g} on the first {opts.examples} test images "
+                "(the perturbation is amplified to the full grey range).",
+                _png(fig),
+                f"grid of clean, perturbation and adversarial images for {run.name}",
+            )
+        )
+        data[run.name] = info
+    if not figures:
+        return None
+    return Section(
+        "examples",
+        "Adversarial examples",
+        "Clean image | perturbation | adversarial image, with the predicted label and its "
+        "softmax confidence. Computed for the report (seed 0) with the run's own model and "
+        "defenses.",
+        figures=figures,
+        data=data,
+    )
+
+
+def _example_grid(run: RunData, eps: float, count: int):
+    import torch
+
+    import robustlab as rl
+    from robustlab.attacks import PGD
+
+    model = rl.load(run.path)
+    data = run.meta.get("data") or {}
+    test = rl.load_dataset(
+        data.get("name"), "test", data.get("root"), **(data.get("options") or {})
+    )
+    x, y = test.float_images(slice(0, count)), test.y[:count]
+    x_adv = PGD(model, eps=eps, steps=20, seed=0)(x, y)
+    with torch.no_grad():
+        p_clean, p_adv = model(x).softmax(1), model(x_adv).softmax(1)
+    classes = data.get("classes")
+    name = (lambda k: str(classes[k])) if classes else str
+    plt = _pyplot()
+    fig, axes = plt.subplots(count, 3, figsize=(5.4, 1.9 * count), squeeze=False)
+    info = []
+    for i in range(count):
+        delta = x_adv[i] - x[i]
+        scale = float(delta.abs().max()) or 1.0
+        panels = [
+            (
+                x[i],
+                f"{name(int(p_clean[i].argmax()))} ({p_clean[i].max():.0%}), "
+                f"true {name(int(y[i]))}",
+            ),
+            (0.5 + delta / (2 * scale), f"perturbation x{0.5 / scale:.1f}"),
+            (x_adv[i], f"{name(int(p_adv[i].argmax()))} ({p_adv[i].max():.0%})"),
+        ]
+        for ax, (img, title) in zip(axes[i], panels):
+            img = img.detach().clamp(0, 1)
+            arr = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+            ax.imshow(
+                arr, cmap="gray" if arr.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest"
+            )
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+        info.append(
+            {
+                "label": int(y[i]),
+                "clean_pred": int(p_clean[i].argmax()),
+                "adv_pred": int(p_adv[i].argmax()),
+                "clean_conf": float(p_clean[i].max()),
+                "adv_conf": float(p_adv[i].max()),
+            }
+        )
+    fig.tight_layout()
+    return fig, info
+
+
+@section
+def corruptions(runs: list[RunData], opts: Options) -> Section | None:
+    figures, data = [], {}
+    for run in runs:
+        for source, rep in ((run.corruptions or {}).get("reports") or {}).items():
+            acc = rep.get("accuracy") or {}
+            names = sorted(acc)
+            severities = sorted({int(s) for c in names for s in acc[c]})
+            if not names or not severities:
+                continue
+            grid = [[100 * acc[c].get(str(s), float("nan")) for s in severities] for c in names]
+            plt = _pyplot()
+            fig, ax = plt.subplots(figsize=(4.8, 0.28 * len(names) + 1.2))
+            im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+            ax.set_xticks(range(len(severities)), [str(s) for s in severities])
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.set_xlabel("severity")
+            fig.colorbar(im, ax=ax, label="accuracy (%)")
+            ax.set_title(f"{run.name}: {source}", fontsize=9)
+            fig.tight_layout()
+            figures.append(
+                Figure(
+                    f"{run.name}, {source}: accuracy per corruption and severity.",
+                    _png(fig),
+                    f"heatmap of corruption accuracy for {run.name}",
+                )
+            )
+            data[f"{run.name}/{source}"] = acc
+    if not figures:
+        return None
+    return Section("corruptions", "Corruption robustness", figures=figures, data=data)
+
+
+@section
+def transfer(runs: list[RunData], opts: Options) -> Section | None:
+    matrix = opts.transfer
+    if not matrix:
+        return None
+    names, sources = matrix["names"], matrix["sources"]
+    figures = []
+    for i, e in enumerate(matrix["eps"]):
+        grid = [[100 * matrix["accuracy"][i][s][t] for t in names] for s in sources]
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2.5, 0.5 * len(sources) + 1.8))
+        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        for r, row in enumerate(grid):
+            for c, v in enumerate(row):
+                ax.text(
+                    c,
+                    r,
+                    f"{v:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if v < 50 else "black",
+                )
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+        ax.set_yticks(range(len(sources)), sources, fontsize=7)
+        ax.set_xlabel("target (scored)")
+        ax.set_ylabel("source (attacked)")
+        fig.colorbar(im, ax=ax, label="robust accuracy (%)")
+        ax.set_title(f"eps {e:g}", fontsize=9)
+        fig.tight_layout()
+        figures.append(
+            Figure(
+                f"Transfer at eps {e:g}: examples made on the row's model, "
+                "scored on the column's; the diagonal is white-box.",
+                _png(fig),
+                f"transfer matrix heatmap at eps {e:g}",
+            )
+        )
+    return Section("transfer", "Transfer matrix", figures=figures, data=matrix)
+
+
+@section
+def validity(runs: list[RunData], opts: Options) -> Section | None:
+    items, data = [], {}
+    for run in runs:
+        flagged = run.flagged()
+        for c in flagged:
+            step = f" What to do: {c['next_step']}" if c.get("next_step") else ""
+            items.append(f"{run.name} — {c['verdict']}, {c['name']}: {c['reason']}.{step}")
+        for line in (run.robust or {}).get("warnings") or []:
+            items.append(f"{run.name} — {line}")
+        data[run.name] = flagged
+    checked = [r.name for r in runs if (r.robust or {}).get("validity")]
+    if not items and not checked:
+        return None
+    text = (
+        "Every warning the evaluations raised, in plain words."
+        if items
+        else f"The validity checks passed for {', '.join(checked)}."
+    )
+    return Section("validity", "Validity checks", text, items=items, data=data)
