@@ -22,10 +22,18 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/robustlab train configs/demo-mnist.yaml --overwrite
 	$(BIN)/robustlab train configs/demo-pgd-mnist.yaml --overwrite
-	$(BIN)/robustlab compare runs/demo-mnist runs/demo-pgd-mnist --attacks quick --eps 0.1,0.2,0.3 --n 500
-	$(BIN)/robustlab attack runs/demo-mnist --attack pgd:steps=40 --eps 0.2 --n 8 --out runs/demo-mnist/adv.npz --overwrite
+	$(BIN)/robustlab train configs/demo-advprop-mnist.yaml --overwrite
+	$(BIN)/robustlab train configs/demo-bitdepth-mnist.yaml --overwrite
 	$(BIN)/robustlab train configs/demo-lmt-mnist.yaml --overwrite
+	for run in demo-mnist demo-pgd-mnist demo-advprop-mnist; do \
+	  $(BIN)/robustlab eval runs/$$run --attacks quick --eps 0.1,0.2,0.3 --n 300 || exit 1; done
+	$(BIN)/robustlab eval runs/demo-bitdepth-mnist --attacks pgd:steps=20 --eps 0.1,0.2,0.3 --n 200
+	$(BIN)/robustlab attack runs/demo-mnist --attack pgd:steps=40 --eps 0.2 --n 8 --out runs/demo-mnist/adv.npz --overwrite
 	$(BIN)/robustlab certify runs/demo-lmt-mnist --radii 0.5,1.0,1.5
+	$(BIN)/robustlab report runs/demo-mnist runs/demo-pgd-mnist runs/demo-advprop-mnist \
+	  runs/demo-bitdepth-mnist runs/demo-lmt-mnist -o runs/demo/report.html --overwrite \
+	  --title "robustlab demo: mnist5k"
+	@echo "the report: open runs/demo/report.html in a browser"
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" -q
