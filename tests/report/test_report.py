@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -31,7 +30,8 @@ def test_wilson_interval_against_brute_force():
     for k, n in [(0, 10), (3, 10), (10, 10), (37, 100), (499, 500)]:
         inside = [p for p in grid if (k / n - p) ** 2 <= z * z * p * (1 - p) / n]
         lo, hi = wilson_interval(k, n)
-        assert lo == pytest.approx(min(inside), abs=2e-5) and hi == pytest.approx(max(inside), abs=2e-5)
+        assert lo == pytest.approx(min(inside), abs=2e-5)
+        assert hi == pytest.approx(max(inside), abs=2e-5)
 
 
 class _Page(HTMLParser):
@@ -74,6 +74,10 @@ def runs(tmp_path_factory):
         assert main(["eval", str(run), "--attacks", "fgsm,pgd:steps=3", "--eps", "0.05,0.1",
                      "--n", "60"]) == 0  # fmt: skip
     assert main(["certify", str(b), "--radii", "0.1,0.5", "--n", "60"]) == 0
+    assert main(["eval", str(a), "--corruptions", "generate", "--n", "30", "--only",
+                 "fog,contrast", "--severities", "1,3"]) == 0  # fmt: skip
+    assert main(["transfer", str(a), str(b), "--eps", "0.05", "--n", "30", "--attacks",
+                 "pgd:steps=3", "--out", str(root / "transfer.json")]) == 0  # fmt: skip
     return a, b
 
 
@@ -83,7 +87,7 @@ def test_html_report_reads_every_number_from_the_runs(runs, tmp_path):
     html = out.read_text()
     page = _Page()
     page.feed(html)
-    header, *rows = page.rows
+    _header, *rows = page.rows
     assert len(rows) == 2 and [r[0] for r in rows] == ["plain", "fgsm<&>"]  # escaped, shown
     assert "fgsm<&>" not in html and "fgsm&lt;&amp;&gt;" in html  # user strings escaped
     for run, row in zip((a, b), rows):
@@ -108,7 +112,8 @@ def test_json_and_markdown_reports(runs, tmp_path):
     payload = json.loads(j.read_text())
     curves = payload["sections"]["accuracy_vs_eps"]["data"]
     ev = json.loads((a / "eval.json").read_text())
-    assert curves["plain"]["accuracy"][1:] == [r["robust_accuracy"] for r in ev["robust"]["results"]]
+    want = [r["robust_accuracy"] for r in ev["robust"]["results"]]
+    assert curves["plain"]["accuracy"][1:] == want
     assert "examples" not in payload["sections"]
     md = write_report([a, b], tmp_path / "r.md")
     text = md.read_text()
@@ -123,7 +128,8 @@ def test_report_refuses_to_overwrite_and_bad_input(runs, tmp_path, capsys):
     out.write_text("mine")
     assert main(["report", str(a), "-o", str(out)]) != 0
     assert "exists" in capsys.readouterr().err and out.read_text() == "mine"
-    assert main(["report", str(a), "-o", str(out), "--overwrite"]) == 0 and "<html" in out.read_text()
+    assert main(["report", str(a), "-o", str(out), "--overwrite"]) == 0
+    assert "<html" in out.read_text()
     assert main(["report", str(a), "-o", str(tmp_path / "r.pdf")]) != 0
     assert "-o must end in" in capsys.readouterr().err
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "x.html")]) != 0
@@ -165,3 +171,32 @@ def test_report_renders_in_chromium(runs, tmp_path):
     image = Image.open(shot)
     assert image.size == (1280, 1600)
     assert len(set(image.convert("L").resize((64, 80)).tobytes())) > 20  # not a blank page
+
+
+def test_corruption_and_transfer_sections(runs, tmp_path):
+    a, b = runs
+    transfer = json.loads((a.parent / "transfer.json").read_text())
+    opts = rl.report.Options(examples=0, transfer=transfer)
+    out = write_report([a, b], tmp_path / "r.json", opts)
+    sections = json.loads(out.read_text())["sections"]
+    corr = json.loads((a / "corruptions.json").read_text())["reports"]["generate"]
+    assert sections["corruptions"]["data"] == {"plain/generate": corr["accuracy"]}
+    row = next(r for r in sections["summary"]["rows"] if r[0] == "plain")
+    assert f"generate: {100 * corr['mean_accuracy']:.1f}% mean" in row
+    assert sections["transfer"]["data"]["accuracy"] == transfer["accuracy"]
+    html = write_report([a, b], tmp_path / "r.html", opts)
+    page = _Page()
+    page.feed(html.read_text())
+    assert any("Transfer at eps 0.05" in t for t in page.text)
+    assert any("accuracy per corruption and severity" in t for t in page.text)
+
+
+def test_runs_without_results_and_damaged_files(tmp_path, tiny_config, capsys):
+    run = Trainer(tiny_config("epochs=1", "name=bare")).fit()
+    out = write_report([run], tmp_path / "bare.html")  # no eval, certify or corruptions
+    page = _Page()
+    page.feed(out.read_text())
+    assert len(page.rows) == 2 and page.rows[1][0] == "bare"
+    (run / "eval.json").write_text("{not json")
+    assert main(["report", str(run), "-o", str(tmp_path / "x.html")]) != 0
+    assert "cannot read" in capsys.readouterr().err and not (tmp_path / "x.html").exists()

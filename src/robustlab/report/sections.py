@@ -338,7 +338,8 @@ def training(runs: list[RunData], opts: Options) -> Section | None:
                 ax2.plot(
                     [p[0] for p in pts],
                     [100 * p[1] for p in pts],
-                    ls=style, marker=".",
+                    ls=style,
+                    marker=".",
                     color=color,
                     label=f"{run.name} {key}",
                 )
