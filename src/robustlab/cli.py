@@ -372,7 +372,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
                 f"--transfer {args.transfer} is not a `robustlab transfer` result ({err})"
             ) from None
     path = write_report(
-        args.runs, args.out, Options(examples=args.examples, transfer=transfer),
+        args.runs, args.out,
+        Options(examples=args.examples, transfer=transfer, universal=args.universal),
         overwrite=args.overwrite, title=args.title,
     )  # fmt: skip
     print(f"written         {path}")
@@ -732,6 +733,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--examples", type=int, default=4,
         help="adversarial examples per evaluated run (computed: PGD-20 at the largest eps; "
         "0: none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--universal", action="append", metavar="FILE", default=[],
+        help="a universal perturbation saved with UniversalPerturbation.save (repeatable)",
     )  # fmt: skip
     p.add_argument("--title", default="robustlab report")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report file")

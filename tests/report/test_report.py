@@ -200,3 +200,24 @@ def test_runs_without_results_and_damaged_files(tmp_path, tiny_config, capsys):
     (run / "eval.json").write_text("{not json")
     assert main(["report", str(run), "-o", str(tmp_path / "x.html")]) != 0
     assert "cannot read" in capsys.readouterr().err and not (tmp_path / "x.html").exists()
+
+
+def test_universal_perturbation_section(runs, tmp_path):
+    from robustlab.attacks.universal import UniversalPerturbation
+
+    a, _ = runs
+    train = rl.load_dataset("synthetic", "train", size=12, n_train=256, n_test=128,
+                            num_classes=4).subset(64)  # fmt: skip
+    uap = UniversalPerturbation(rl.load(a), xi=0.1, max_passes=1).fit(train)
+    uap.save(tmp_path / "uap.safetensors")
+    opts = rl.report.Options(examples=0, universal=[str(tmp_path / "uap.safetensors")])
+    sections = json.loads(write_report([a], tmp_path / "u.json", opts).read_text())["sections"]
+    saved = sections["universal"]["data"][str(tmp_path / "uap.safetensors")]
+    assert saved == {"xi": 0.1, "norm": "linf", "history": uap.history}
+    (tmp_path / "bad.safetensors").write_bytes(b"nonsense")
+    with pytest.raises(rl.RobustlabError):
+        write_report(
+            [a],
+            tmp_path / "v.html",
+            rl.report.Options(universal=[str(tmp_path / "bad.safetensors")]),
+        )

@@ -11,6 +11,7 @@ import base64
 import io as _io
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from robustlab.report.collect import RunData, wilson_interval
@@ -48,6 +49,8 @@ class Section:
 class Options:
     examples: int = 4  #: adversarial examples per run (0: none; the only section that computes)
     transfer: dict[str, Any] | None = None  #: a `robustlab transfer` JSON
+    #: universal perturbations saved by ``UniversalPerturbation.save`` (safetensors files)
+    universal: list[str] = field(default_factory=list)
 
 
 SectionFn = Callable[[list[RunData], Options], "Section | None"]
@@ -529,6 +532,47 @@ def transfer(runs: list[RunData], opts: Options) -> Section | None:
             )
         )
     return Section("transfer", "Transfer matrix", figures=figures, data=matrix)
+
+
+@section
+def universal(runs: list[RunData], opts: Options) -> Section | None:
+    if not opts.universal:
+        return None
+    from robustlab.errors import ConfigError
+    from robustlab.io import load_tensors
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(opts.universal), figsize=(2.6 * len(opts.universal), 2.9),
+                             squeeze=False)  # fmt: skip
+    data = {}
+    for ax, path in zip(axes[0], opts.universal):
+        try:
+            tensors, meta = load_tensors(path)
+            v = tensors["perturbation"].float()
+            v = v[0] if v.dim() == 4 else v  # saved with a batch dimension of one
+        except (KeyError, OSError, ValueError) as err:
+            raise ConfigError(f"{path} is not a saved universal perturbation ({err})") from None
+        scale = float(v.abs().max()) or 1.0
+        img = (0.5 + v / (2 * scale)).clamp(0, 1)
+        arr = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+        ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None, vmin=0, vmax=1,
+                  interpolation="nearest")  # fmt: skip
+        history = meta.get("history") or []
+        last = history[-1] if history else None
+        rate = f", fooling {pct(last)}" if isinstance(last, (int, float)) else ""
+        ax.set_title(f"{Path(path).stem}\n{meta.get('norm')} xi {meta.get('xi'):.3g}{rate}",
+                     fontsize=8)  # fmt: skip
+        ax.axis("off")
+        data[str(path)] = {"xi": meta.get("xi"), "norm": meta.get("norm"), "history": history}
+    fig.tight_layout()
+    return Section(
+        "universal", "Universal perturbations",
+        "One image-agnostic perturbation per file (Moosavi-Dezfooli et al. 2017), amplified "
+        "to the full grey range; the title gives its radius and its last fooling rate on "
+        "the data it was fitted on.",
+        figures=[Figure("Universal perturbations.", _png(fig), "universal perturbation images")],
+        data=data,
+    )  # fmt: skip
 
 
 @section
