@@ -221,3 +221,21 @@ def test_universal_perturbation_section(runs, tmp_path):
             tmp_path / "v.html",
             rl.report.Options(universal=[str(tmp_path / "bad.safetensors")]),
         )
+
+
+def test_defended_run_shows_naive_versus_adaptive(tiny_config, tmp_path):
+    run = Trainer(tiny_config("epochs=1", "name=squeezed", "defenses=[bitdepth:bits=1]")).fit()
+    assert main(["eval", str(run), "--attacks", "pgd:steps=5", "--eps", "0.1,0.3",
+                 "--n", "40"]) == 0  # fmt: skip
+    robust = json.loads((run / "eval.json").read_text())["robust"]
+    out = write_report([run], tmp_path / "d.html", rl.report.Options(examples=2))
+    page = _Page()
+    page.feed(out.read_text())
+    cell = page.rows[1][page.rows[0].index("naive → adaptive")]
+    naive = robust["modes"]["naive"]["results"]
+    triples = zip(naive, robust["robust_accuracy"], robust["eps"])
+    want = ", ".join(
+        f"{100 * n['robust_accuracy']:.1f}% → {100 * a:.1f}% @ {e:g}" for n, a, e in triples
+    )
+    assert cell == want
+    assert any("attacked adaptively" in t for t in page.text)

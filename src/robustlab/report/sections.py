@@ -400,11 +400,30 @@ def examples(runs: list[RunData], opts: Options) -> Section | None:
         "examples",
         "Adversarial examples",
         "Clean image | perturbation | adversarial image, with the predicted label and its "
-        "softmax confidence. Computed for the report (seed 0) with the run's own model and "
-        "defenses.",
+        "softmax confidence. Computed for the report (seed 0) and scored on the run's own "
+        "model and defenses, attacked adaptively (BPDA through non-differentiable defenses, "
+        "EOT over random ones).",
         figures=figures,
         data=data,
     )
+
+
+def _adaptive(model) -> tuple[Any, int]:
+    """The model to attack and the EOT draws: through BPDA when a defense is not
+    differentiable and over 10 draws when it is random, as the adaptive evaluation does;
+    the examples are then scored on the defended model itself."""
+    import copy
+
+    from robustlab.defenses import DefendedModel
+    from robustlab.evaluate.adaptive import _set_bpda
+
+    if not isinstance(model, DefendedModel):
+        return model, 1
+    target = model
+    if not model.differentiable:
+        target = copy.deepcopy(model)
+        _set_bpda(target)
+    return target, 10 if model.randomized else 1
 
 
 def _example_grid(run: RunData, eps: float, count: int):
@@ -419,7 +438,8 @@ def _example_grid(run: RunData, eps: float, count: int):
         data.get("name"), "test", data.get("root"), **(data.get("options") or {})
     )
     x, y = test.float_images(slice(0, count)), test.y[:count]
-    x_adv = PGD(model, eps=eps, steps=20, seed=0)(x, y)
+    target, draws = _adaptive(model)
+    x_adv = PGD(target, eps=eps, steps=20, seed=0, eot_samples=draws)(x, y)
     with torch.no_grad():
         p_clean, p_adv = model(x).softmax(1), model(x_adv).softmax(1)
     classes = data.get("classes")
