@@ -730,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--transfer", metavar="JSON", help="a `robustlab transfer` result to show as a matrix"
     )
     p.add_argument(
-        "--examples", type=int, default=4,
+        "--examples", type=int, default=3,
         help="adversarial examples per evaluated run (computed: PGD-20 at the largest eps; "
         "0: none)",
     )  # fmt: skip

@@ -234,8 +234,8 @@ def test_defended_run_shows_naive_versus_adaptive(tiny_config, tmp_path):
     cell = page.rows[1][page.rows[0].index("naive → adaptive")]
     naive = robust["modes"]["naive"]["results"]
     triples = zip(naive, robust["robust_accuracy"], robust["eps"])
-    want = ", ".join(
-        f"{100 * n['robust_accuracy']:.1f}% → {100 * a:.1f}% @ {e:g}" for n, a, e in triples
+    want = "; ".join(
+        f"{e:g}: {100 * n['robust_accuracy']:.1f}% → {100 * a:.1f}%" for n, a, e in triples
     )
     assert cell == want
     assert any("attacked adaptively" in t for t in page.text)

@@ -76,9 +76,27 @@ class RunData:
         return (self.eval or {}).get("robust")
 
     def flagged(self) -> list[dict[str, Any]]:
-        """The validity checks of its evaluation that did not pass."""
-        validity = (self.robust or {}).get("validity") or {}
+        """The validity checks of its evaluation that did not pass. For a defended model,
+        those of the adaptive modes (the naive mode's fire by design: they are what the
+        adaptive modes answer), named with their mode."""
+        robust = self.robust or {}
+        if "modes" in robust:
+            return [
+                {**c, "name": f"{c['name']} ({mode})"}
+                for mode, report in robust["modes"].items()
+                if mode not in ("naive", "none")
+                for c in ((report.get("validity") or {}).get("checks") or [])
+                if c.get("verdict") != "pass"
+            ]
+        validity = robust.get("validity") or {}
         return [c for c in validity.get("checks", []) if c.get("verdict") != "pass"]
+
+    @property
+    def checked(self) -> bool:
+        """Whether its evaluation ran the validity checks."""
+        robust = self.robust or {}
+        reports = robust["modes"].values() if "modes" in robust else [robust]
+        return any(r.get("validity") for r in reports)
 
 
 def _read_json(path: Path) -> Any:

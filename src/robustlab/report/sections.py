@@ -47,7 +47,7 @@ class Section:
 
 @dataclass
 class Options:
-    examples: int = 4  #: adversarial examples per run (0: none; the only section that computes)
+    examples: int = 3  #: adversarial examples per run (0: none; the only section that computes)
     transfer: dict[str, Any] | None = None  #: a `robustlab transfer` JSON
     #: universal perturbations saved by ``UniversalPerturbation.save`` (safetensors files)
     universal: list[str] = field(default_factory=list)
@@ -168,7 +168,7 @@ def summary(runs: list[RunData], opts: Options) -> Section:
         )
         naive = [p for p in points.values() if p["naive"] is not None]
         cells.append(
-            ", ".join(f"{pct(p['naive'])} → {pct(p['accuracy'])} @ {p['eps']:g}" for p in naive)
+            "; ".join(f"{p['eps']:g}: {pct(p['naive'])} → {pct(p['accuracy'])}" for p in naive)
             or "–"
         )
         cells.append(_certified_cell(run))
@@ -178,7 +178,7 @@ def summary(runs: list[RunData], opts: Options) -> Section:
         flags = run.flagged()
         cells.append(
             ", ".join(f"{c['verdict']}: {c['name']}" for c in flags)
-            or ("passed" if run.robust and run.robust.get("validity") else "–")
+            or ("passed" if run.checked else "–")
         )
         rows.append(cells)
         data.append(
@@ -606,7 +606,7 @@ def validity(runs: list[RunData], opts: Options) -> Section | None:
         for line in (run.robust or {}).get("warnings") or []:
             items.append(f"{run.name} — {line}")
         data[run.name] = flagged
-    checked = [r.name for r in runs if (r.robust or {}).get("validity")]
+    checked = [r.name for r in runs if r.checked]
     if not items and not checked:
         return None
     text = (
