@@ -209,17 +209,25 @@ def plot(args: argparse.Namespace, seeds: list[int], path: Path) -> None:
     palette = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442",
                "#000000", "#999999", "#882255"]  # fmt: skip
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    markers = ["o", "o", "s", "^", "v", "s", "D", "P", "X", "X"]  # teachers, alone, distilled...
     for i, (name, rs) in enumerate(results.items()):
         clean = [100 * r["test_acc"] for r in rs]
         worst = [100 * r["worst"] for r in rs]
-        size = 30 + 250 * (rs[0]["parameters"] / 3.3e6) ** 0.5
-        color = palette[i % len(palette)]
-        ax.scatter(clean, worst, s=size, color=color, alpha=0.35, edgecolors="none")
-        ax.scatter([statistics.fmean(clean)], [statistics.fmean(worst)], s=size, color=color,
-                   edgecolors="black", label=f"{name} ({rs[0]['parameters'] / 1e3:.0f}k)")  # fmt: skip
+        size = 40 + 260 * (rs[0]["parameters"] / 3.3e6) ** 0.5
+        color, marker = palette[i % len(palette)], markers[i % len(markers)]
+        ax.scatter(clean, worst, s=size, color=color, marker=marker, alpha=0.3, edgecolors="none")
+        ax.scatter(
+            [statistics.fmean(clean)], [statistics.fmean(worst)], s=size, color=color,
+            marker=marker, edgecolors="black",
+            label=f"{name} ({rs[0]['parameters'] / 1e3:.0f}k params)",
+        )  # fmt: skip
     ax.set_xlabel("clean accuracy (%), 1,000 test images")
     ax.set_ylabel(f"worst-case robust accuracy (%), L-inf eps {EPS}")
-    ax.set_title("Distillation on mnist5k: each seed (light) and the mean (outlined)")
+    ax.set_title(
+        "Distillation on mnist5k: each seed (light), the mean (outlined);\n"
+        "marker area grows with the parameter count",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
