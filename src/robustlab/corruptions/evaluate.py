@@ -165,6 +165,18 @@ class CorruptionReport:
         from robustlab.evaluate.plots import _pyplot
 
         plt = _pyplot()
+        paths = [Path(heatmap)] + ([Path(curve)] if curve is not None else [])
+        figures = [self.heatmap_figure()] + ([self.severity_figure()] if curve else [])
+        for fig, path in zip(figures, paths):
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+        return paths
+
+    def heatmap_figure(self):
+        """The corruption x severity heatmap of accuracy (%), a matplotlib figure."""
+        from robustlab.evaluate.plots import _pyplot
+
+        plt = _pyplot()
         names = self.corruptions
         sevs = sorted({s for sev in self.accuracy.values() for s in sev})
         grid = [[100 * self.accuracy[c].get(s, float("nan")) for s in sevs] for c in names]
@@ -181,35 +193,35 @@ class CorruptionReport:
                      fontsize=9)  # fmt: skip
         fig.colorbar(im, ax=ax, label="accuracy (%)")
         fig.tight_layout()
-        paths = [Path(heatmap)]
-        fig.savefig(paths[0], dpi=110)
-        plt.close(fig)
-        if curve is not None:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            groups = {
-                g: [c for c in members if c in self.accuracy] for g, members in GROUPS.items()
-            }
-            groups = {g: m for g, m in groups.items() if m} or {"all": names}
-            groups.setdefault("all", names)
-            # Okabe & Ito's colour-blind-safe palette; the mean over all corruptions in black
-            palette = ["#E69F00", "#56B4E9", "#009E73", "#D55E00", "#CC79A7", "#0072B2"]
-            for i, (g, members) in enumerate(groups.items()):
-                ys = [100 * _avg([self.accuracy[c][s] for c in members if s in self.accuracy[c]])
-                      for s in sevs]  # fmt: skip
-                ax.plot([0, *sevs], [100 * self.clean_accuracy, *ys], marker="o", label=g,
-                        color="black" if g == "all" else palette[i % len(palette)],
-                        linewidth=2.5 if g == "all" else 1.2)  # fmt: skip
-            ax.set_xticks([0, *sevs], ["clean", *map(str, sevs)])
-            ax.set_xlabel("severity")
-            ax.set_ylabel("accuracy (%)")
-            ax.set_ylim(0, 100)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            paths.append(Path(curve))
-            fig.savefig(paths[1], dpi=110)
-            plt.close(fig)
-        return paths
+        return fig
+
+    def severity_figure(self):
+        """Accuracy versus severity, one line per corruption group and the mean (black)."""
+        from robustlab.evaluate.plots import _pyplot
+
+        plt = _pyplot()
+        names = self.corruptions
+        sevs = sorted({s for sev in self.accuracy.values() for s in sev})
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        groups = {g: [c for c in members if c in self.accuracy] for g, members in GROUPS.items()}
+        groups = {g: m for g, m in groups.items() if m} or {"all": names}
+        groups.setdefault("all", names)
+        # Okabe & Ito's colour-blind-safe palette; the mean over all corruptions in black
+        palette = ["#E69F00", "#56B4E9", "#009E73", "#D55E00", "#CC79A7", "#0072B2"]
+        for i, (g, members) in enumerate(groups.items()):
+            ys = [100 * _avg([self.accuracy[c][s] for c in members if s in self.accuracy[c]])
+                  for s in sevs]  # fmt: skip
+            ax.plot([0, *sevs], [100 * self.clean_accuracy, *ys], marker="o", label=g,
+                    color="black" if g == "all" else palette[i % len(palette)],
+                    linewidth=2.5 if g == "all" else 1.2)  # fmt: skip
+        ax.set_xticks([0, *sevs], ["clean", *map(str, sevs)])
+        ax.set_xlabel("severity")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
 
 
 def _avg(values: Sequence[float]) -> float:

@@ -82,6 +82,16 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _label(ax, xlabel: str, ylabel: str, *, percent: bool = False, legend: int = 8) -> None:
+    """Axis labels (with units), a light grid and the legend; 0-100 for percentages."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if percent:
+        ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend)
+
+
 def pct(v: float | None, digits: int = 1) -> str:
     return "–" if v is None else f"{100 * v:.{digits}f}%"
 
@@ -255,11 +265,7 @@ def accuracy_vs_eps(runs: list[RunData], opts: Options) -> Section | None:
             )
         data[name] = {"eps": xs, "accuracy": ys, "ci_low": lo, "ci_high": hi, "naive": naive}
     norms = {(r.robust or {}).get("norm", "linf") for r in runs if r.robust}
-    ax.set_xlabel(f"eps ({'/'.join(sorted(norms))}, pixel units)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label(ax, f"eps ({'/'.join(sorted(norms))}, pixel units)", "accuracy (%)", percent=True)
     ax.set_title("Worst-case robust accuracy (band: 95% interval)")
     fig.tight_layout()
     return Section(
@@ -300,11 +306,7 @@ def certified(runs: list[RunData], opts: Options) -> Section | None:
             "certified_accuracy": values,
             "guaranteed": rep.get("guaranteed"),
         }
-    ax.set_xlabel("L2 radius (pixel units)")
-    ax.set_ylabel("certified accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label(ax, "L2 radius (pixel units)", "certified accuracy (%)", percent=True)
     fig.tight_layout()
     return Section(
         "certified",
@@ -347,14 +349,8 @@ def training(runs: list[RunData], opts: Options) -> Section | None:
                     label=f"{run.name} {key}",
                 )
         data[run.name] = run.metrics
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("training loss")
-    ax1.grid(alpha=0.3)
-    ax1.legend(fontsize=7)
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("accuracy (%)")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=6)
+    _label(ax1, "epoch", "training loss", legend=7)
+    _label(ax2, "epoch", "accuracy (%)", legend=6)
     fig.tight_layout()
     return Section(
         "training",
@@ -482,32 +478,22 @@ def _example_grid(run: RunData, eps: float, count: int):
 
 @section
 def corruptions(runs: list[RunData], opts: Options) -> Section | None:
+    from robustlab.corruptions import CorruptionReport
+
     figures, data = [], {}
     for run in runs:
-        for source, rep in ((run.corruptions or {}).get("reports") or {}).items():
-            acc = rep.get("accuracy") or {}
-            names = sorted(acc)
-            severities = sorted({int(s) for c in names for s in acc[c]})
-            if not names or not severities:
+        for source, saved in ((run.corruptions or {}).get("reports") or {}).items():
+            report = CorruptionReport.from_dict(saved)
+            if not report.accuracy:
                 continue
-            grid = [[100 * acc[c].get(str(s), float("nan")) for s in severities] for c in names]
-            plt = _pyplot()
-            fig, ax = plt.subplots(figsize=(4.8, 0.28 * len(names) + 1.2))
-            im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
-            ax.set_xticks(range(len(severities)), [str(s) for s in severities])
-            ax.set_yticks(range(len(names)), names, fontsize=7)
-            ax.set_xlabel("severity")
-            fig.colorbar(im, ax=ax, label="accuracy (%)")
-            ax.set_title(f"{run.name}: {source}", fontsize=9)
-            fig.tight_layout()
-            figures.append(
-                Figure(
-                    f"{run.name}, {source}: accuracy per corruption and severity.",
-                    _png(fig),
-                    f"heatmap of corruption accuracy for {run.name}",
-                )
-            )
-            data[f"{run.name}/{source}"] = acc
+            what = f"{run.name}, {source}"
+            figures.append(Figure(f"{what}: accuracy per corruption and severity.",
+                                  _png(report.heatmap_figure()),
+                                  f"heatmap of corruption accuracy for {run.name}"))  # fmt: skip
+            figures.append(Figure(f"{what}: accuracy versus severity by corruption group.",
+                                  _png(report.severity_figure()),
+                                  f"accuracy against severity for {run.name}"))  # fmt: skip
+            data[f"{run.name}/{source}"] = saved["accuracy"]
     if not figures:
         return None
     return Section("corruptions", "Corruption robustness", figures=figures, data=data)
