@@ -366,7 +366,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.transfer:
         try:
             transfer = json.loads(Path(args.transfer).read_text())
-            transfer["names"], transfer["sources"], transfer["accuracy"]
+            transfer["names"], transfer["sources"], transfer["accuracy"], transfer["eps"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise ConfigError(
                 f"--transfer {args.transfer} is not a `robustlab transfer` result ({err})"

@@ -170,7 +170,8 @@ class SelectConfig:
     """
 
     metric: str = "last"  # last | val_acc | val_robust (PGD accuracy on data.val_size images)
-    eps: float | None = None  # val_robust: L-inf budget (default: the recipe's eps)
+    eps: float | None = None  # val_robust: budget (default: the recipe's eps)
+    norm: str | None = None  # val_robust: linf | l2 (default: the recipe's norm, else linf)
     steps: int = 10  # val_robust: PGD steps (step size 2.5 * eps / steps, random start)
 
 
@@ -200,6 +201,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check value ranges and choices; returns self."""
         _choice("select.metric", self.select.metric, ("last", "val_acc", "val_robust"))
+        if self.select.norm is not None:
+            _choice("select.norm", self.select.norm, ("linf", "l2"))
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.data.batch_size >= 1, "data.batch_size must be >= 1"),

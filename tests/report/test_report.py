@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -239,3 +240,37 @@ def test_defended_run_shows_naive_versus_adaptive(tiny_config, tmp_path):
     )
     assert cell == want
     assert any("attacked adaptively" in t for t in page.text)
+
+
+def test_norms_get_their_own_columns_and_curves(runs, tmp_path, tiny_config):
+    a, _ = runs
+    l2 = Trainer(tiny_config("epochs=1", "name=l2run")).fit()
+    assert main(["eval", str(l2), "--attacks", "pgd:steps=3", "--eps", "0.1", "--norm", "l2",
+                 "--n", "30"]) == 0  # fmt: skip
+    out = write_report([a, l2], tmp_path / "n.json", rl.report.Options(examples=0))
+    sections = json.loads(out.read_text())["sections"]
+    header = sections["summary"]["header"]
+    assert "robust @ l2 0.1" in header and "robust @ linf 0.1" in header
+    l2_row = next(r for r in sections["summary"]["rows"] if r[0] == "l2run")
+    linf_cell = l2_row[header.index("robust @ linf 0.1")]
+    assert linf_cell == "–" and l2_row[header.index("points")] == "30 test"
+    assert sections["accuracy_vs_eps"]["data"]["l2run"]["norm"] == "l2"
+
+
+def test_report_refuses_a_run_twice_and_keeps_foreign_files(runs, tmp_path):
+    a, b = runs
+    with pytest.raises(rl.ConfigError, match="more than once"):
+        write_report([a, b, Path(str(a) + "/")], tmp_path / "t.html")
+    md = tmp_path / "r.md"
+    write_report([a], md, rl.report.Options(examples=0))
+    figures = md.with_name("r_files")
+    assert sorted(p.name for p in figures.iterdir())  # figures written beside it
+    with pytest.raises(rl.ConfigError, match="exists"):
+        write_report([a], md, rl.report.Options(examples=0))
+    md.unlink()
+    with pytest.raises(rl.ConfigError, match="r_files exists"):  # the figures' folder too
+        write_report([a], md, rl.report.Options(examples=0))
+    (figures / "notes.txt").write_text("mine")
+    with pytest.raises(rl.ConfigError, match="did not write.*notes.txt"):
+        write_report([a], md, rl.report.Options(examples=0), overwrite=True)
+    assert (figures / "notes.txt").read_text() == "mine"

@@ -449,3 +449,14 @@ def test_fitnets_regressor_maps_the_guided_shape_onto_the_hint_shape():
     assert conv(torch.rand(2, 16, 10, 10)).shape == (2, 64, 7, 7)
     wide = make_regressor(torch.Size([2, 8, 9, 12]), torch.Size([2, 4, 9, 5]))
     assert wide.kernel_size == (1, 8) and wide(torch.rand(2, 8, 9, 12)).shape == (2, 4, 9, 5)
+
+
+def test_hints_trains_behind_defenses(tiny_config):
+    teacher_dir = Trainer(tiny_config("epochs=1", "name=teacher")).fit()
+    cfg = tiny_config(
+        "epochs=1", "name=fitnet", "model.name=lenet", "recipe.name=hints",
+        "defenses=[bitdepth:bits=4]",
+        f"recipe.options={{teacher: {teacher_dir}, student_layer: net.1, teacher_layer: net.1}}",
+    )  # fmt: skip
+    run = Trainer(cfg).fit()
+    assert json.loads((run / "meta.json").read_text())["defenses"] and rl.load(run) is not None

@@ -10,6 +10,7 @@ sections are functions in :mod:`robustlab.report.sections`, one per kind of resu
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 FORMATS = (".html", ".md", ".json")
+#: the figure files a Markdown report writes beside itself
+_FIGURE = re.compile(r"[a-z_]+-\d+\.png")
 
 
 def build(
@@ -40,6 +43,10 @@ def build(
     if not runs:
         raise ConfigError("a report needs at least one run directory")
     data = [load_run(r) for r in runs]
+    paths = [d.path.resolve() for d in data]
+    twice = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if twice:
+        raise ConfigError(f"run given more than once: {', '.join(twice)}")
     names = [d.name for d in data]
     if len(set(names)) != len(names):  # two runs with one name: tell them apart by path
         for d in data:
@@ -66,6 +73,18 @@ def write_report(
         raise ConfigError(f"-o {out} is a directory; name a file")
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists: choose another -o, or pass --overwrite to replace it")
+    files = out.with_name(f"{out.stem}_files")
+    if out.suffix == ".md" and files.exists():
+        foreign = [p.name for p in files.iterdir() if not _FIGURE.fullmatch(p.name)]
+        if foreign:
+            raise ConfigError(
+                f"{files} holds files the report did not write ({', '.join(foreign[:5])}): "
+                "choose another -o"
+            )
+        if not overwrite:
+            raise ConfigError(f"{files} exists: choose another -o, or pass --overwrite")
+        for p in files.iterdir():  # --overwrite: the old report's figures only
+            p.unlink()
     data, sections = build(runs, options)
     context = _context(data, sections, title)
     if out.suffix == ".json":

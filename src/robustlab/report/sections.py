@@ -98,11 +98,13 @@ def pct(v: float | None, digits: int = 1) -> str:
 
 def robust_points(run: RunData) -> list[dict[str, Any]]:
     """Per eps: worst-case accuracy, its Wilson interval, the naive (non-adaptive)
-    accuracy for defended models, and the attack that broke the most points."""
+    accuracy for defended models, and the attack that broke the most points (in the
+    evaluation's order: each attack counts the points the earlier ones had left)."""
     robust = run.robust
     if not robust:
         return []
     n = int(robust.get("n") or (run.eval or {}).get("n") or 0)
+    norm = robust.get("norm", "linf")
     out = []
     if "modes" in robust:  # a defended model: adaptive evaluation (one report per mode)
         naive = robust["modes"].get("naive", {}).get("results", [])
@@ -115,6 +117,7 @@ def robust_points(run: RunData) -> list[dict[str, Any]]:
             }
             out.append(
                 {
+                    "norm": norm,
                     "eps": e,
                     "accuracy": acc,
                     "ci": wilson_interval(round(acc * n), n),
@@ -128,6 +131,7 @@ def robust_points(run: RunData) -> list[dict[str, Any]]:
         best = max(stages, key=lambda s: s.get("broken", 0), default=None)
         out.append(
             {
+                "norm": norm,
                 "eps": r["eps"],
                 "accuracy": r["robust_accuracy"],
                 "ci": wilson_interval(round(r["robust_accuracy"] * n), n),
@@ -149,11 +153,12 @@ def clean_accuracy(run: RunData) -> float | None:
 
 @section
 def summary(runs: list[RunData], opts: Options) -> Section:
-    eps_all = sorted({p["eps"] for r in runs for p in robust_points(r)})
-    header = ["run", "model", "recipe", "seed", "clean"]
-    header += [f"robust @ {e:g}" for e in eps_all]
+    keys = sorted({(p["norm"], p["eps"]) for r in runs for p in robust_points(r)})
+    norms = {k[0] for k in keys}
+    header = ["run", "model", "recipe", "seed", "points", "clean"]
+    header += [f"robust @ {f'{m} ' if len(norms) > 1 else ''}{e:g}" for m, e in keys]
     header += [
-        "strongest attack",
+        "most breaks (attack order)",
         "naive → adaptive",
         "certified",
         "corruptions",
@@ -162,17 +167,21 @@ def summary(runs: list[RunData], opts: Options) -> Section:
     ]
     rows, data = [], []
     for run in runs:
-        points = {p["eps"]: p for p in robust_points(run)}
+        points = {(p["norm"], p["eps"]): p for p in robust_points(run)}
         n = (run.robust or {}).get("n")
-        cells = [run.name, run.model, run.recipe, str(run.seed), pct(clean_accuracy(run))]
-        for e in eps_all:
-            p = points.get(e)
+        split = (run.eval or {}).get("split")
+        where = "–" if n is None else f"{n} {split or ''}".strip()
+        if split not in (None, "test"):
+            where += " (not the test split)"
+        cells = [run.name, run.model, run.recipe, str(run.seed), where, pct(clean_accuracy(run))]
+        for key in keys:
+            p = points.get(key)
             cells.append(
                 "–"
                 if p is None
                 else f"{pct(p['accuracy'])} [{pct(p['ci'][0], 0)}, {pct(p['ci'][1], 0)}]"
             )
-        last = points[max(points)] if points else None
+        last = points[max(points, key=lambda k: k[1])] if points else None
         cells.append(
             f"{last['strongest']} (eps {last['eps']:g})" if last and last["strongest"] else "–"
         )
@@ -205,9 +214,12 @@ def summary(runs: list[RunData], opts: Options) -> Section:
         "summary",
         "Summary",
         "One row per run. Robust accuracy is the per-point worst case over the evaluation's "
-        'attacks, with a 95% Wilson interval over the points evaluated; "naive → adaptive" '
-        "is for defended models (the attack that ignores the defense, then the worst case "
-        "over BPDA, EOT and transfer). Nothing here is recomputed: it is read from each run "
+        'attacks, with a 95% Wilson interval over the points evaluated ("points": how many, '
+        'from which split); "most breaks" names the attack that broke the most points at the '
+        "largest eps, each attack counting what the earlier ones had left (for defended "
+        'models: the evaluation mode with the lowest accuracy); "naive → adaptive" is for '
+        "defended models (the attack that ignores the defense, then the worst case over "
+        "BPDA, EOT and transfer). Nothing here is recomputed: it is read from each run "
         "directory.",
         header=header,
         rows=rows,
@@ -242,44 +254,36 @@ def accuracy_vs_eps(runs: list[RunData], opts: Options) -> Section | None:
     if not curves:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    data = {}
-    for i, (name, points) in enumerate(curves.items()):
-        run = next(r for r in runs if r.name == name)
-        clean = clean_accuracy(run)
-        xs = [0.0] + [p["eps"] for p in points]
-        ys = [clean] + [p["accuracy"] for p in points]
-        lo = [clean] + [p["ci"][0] for p in points]
-        hi = [clean] + [p["ci"][1] for p in points]
-        color = PALETTE[i % len(PALETTE)]
-        ax.plot(xs, [100 * y for y in ys], marker="o", color=color, label=name)
-        ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=color, alpha=0.15)
-        naive = [(p["eps"], p["naive"]) for p in points if p["naive"] is not None]
-        if naive:
-            ax.plot(
-                [0.0] + [e for e, _ in naive],
-                [100 * clean] + [100 * a for _, a in naive],
-                ls="--",
-                color=color,
-                label=f"{name} (naive)",
-            )
-        data[name] = {"eps": xs, "accuracy": ys, "ci_low": lo, "ci_high": hi, "naive": naive}
-    norms = {(r.robust or {}).get("norm", "linf") for r in runs if r.robust}
-    _label(ax, f"eps ({'/'.join(sorted(norms))}, pixel units)", "accuracy (%)", percent=True)
-    ax.set_title("Worst-case robust accuracy (band: 95% interval)")
-    fig.tight_layout()
-    return Section(
-        "accuracy_vs_eps",
-        "Accuracy versus eps",
-        figures=[
-            Figure(
-                "Worst-case robust accuracy per eps; eps 0 is clean accuracy.",
-                _png(fig),
-                "line plot of robust accuracy against eps, one line per run",
-            )
-        ],
-        data=data,
-    )
+    figures, data = [], {}
+    for norm in sorted({points[0]["norm"] for points in curves.values()}):  # one plot per norm
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for i, (name, points) in enumerate(curves.items()):
+            if points[0]["norm"] != norm:
+                continue
+            run = next(r for r in runs if r.name == name)
+            clean = clean_accuracy(run)
+            xs = [0.0] + [p["eps"] for p in points]
+            ys = [clean] + [p["accuracy"] for p in points]
+            lo = [clean] + [p["ci"][0] for p in points]
+            hi = [clean] + [p["ci"][1] for p in points]
+            color = PALETTE[i % len(PALETTE)]
+            ax.plot(xs, [100 * y for y in ys], marker="o", color=color, label=name)
+            ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=color,
+                            alpha=0.15)  # fmt: skip
+            naive = [(p["eps"], p["naive"]) for p in points if p["naive"] is not None]
+            if naive:
+                ax.plot([0.0] + [e for e, _ in naive], [100 * clean] + [100 * a for _, a in naive],
+                        ls="--", color=color, label=f"{name} (naive)")  # fmt: skip
+            data[name] = {"norm": norm, "eps": xs, "accuracy": ys, "ci_low": lo, "ci_high": hi,
+                          "naive": naive}  # fmt: skip
+        _label(ax, f"eps ({norm}, pixel units)", "accuracy (%)", percent=True)
+        ax.set_title(f"Worst-case robust accuracy, {norm} (band: 95% interval)")
+        fig.tight_layout()
+        figures.append(Figure(
+            f"Worst-case robust accuracy per {norm} eps; eps 0 is clean accuracy.", _png(fig),
+            f"line plot of robust accuracy against {norm} eps, one line per run",
+        ))  # fmt: skip
+    return Section("accuracy_vs_eps", "Accuracy versus eps", figures=figures, data=data)
 
 
 @section
@@ -374,13 +378,19 @@ def examples(runs: list[RunData], opts: Options) -> Section | None:
     """Adversarial examples: the one section that computes (a PGD-20 on a few points)."""
     if opts.examples <= 0:
         return None
-    figures, data = [], {}
+    from robustlab.errors import RobustlabError
+
+    figures, data, skipped = [], {}, []
     for run in runs:
         points = robust_points(run)
         if not points or (run.robust or {}).get("norm", "linf") != "linf":
             continue
         eps = max(p["eps"] for p in points)
-        fig, info = _example_grid(run, eps, opts.examples)
+        try:
+            fig, info = _example_grid(run, eps, opts.examples)
+        except (RobustlabError, OSError, ValueError) as err:  # e.g. data read from a path
+            skipped.append(f"{run.name}: no examples ({err})")  # relative to elsewhere
+            continue
         figures.append(
             Figure(
                 f"{run.name}: PGD-20 at L-inf eps {eps:g} on the first {opts.examples} test images "
@@ -390,7 +400,7 @@ def examples(runs: list[RunData], opts: Options) -> Section | None:
             )
         )
         data[run.name] = info
-    if not figures:
+    if not figures and not skipped:
         return None
     return Section(
         "examples",
@@ -400,6 +410,7 @@ def examples(runs: list[RunData], opts: Options) -> Section | None:
         "model and defenses, attacked adaptively (BPDA through non-differentiable defenses, "
         "EOT over random ones).",
         figures=figures,
+        items=skipped,
         data=data,
     )
 

@@ -177,7 +177,7 @@ class Trainer:
         self.device = resolve_device(cfg.device, local_rank())
         self.dist = init_distributed(self.device)
         self.tqdm_disable = _tqdm_disable(progress, self.dist)
-        if cfg.tensorboard and self.dist.is_main:  # checked before any work is done
+        if cfg.tensorboard:  # checked on every rank (none may wait for a failed one)
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError:
@@ -221,10 +221,12 @@ class Trainer:
                     f"data.val_size ({dc.val_size}) must be smaller than the training set "
                     f"({len(train)} images)"
                 )
-            # the last images of the (shuffled) training split, before any recipe holdout
+            # a random draw (seeded by the run's seed), before any recipe holdout: files in
+            # class order (image folders, user arrays) must not lose a whole class to it
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
             val, train = (
-                train.subset(slice(len(train) - dc.val_size, None)),
-                train.subset(slice(0, len(train) - dc.val_size)),
+                train.subset(order[: dc.val_size].sort().values),
+                train.subset(order[dc.val_size :].sort().values),
             )
         self.select_eps = self._select_eps()
         held = self.recipe.holdout_size
@@ -260,6 +262,9 @@ class Trainer:
             model = add_denoising(model, cfg.model.denoise, (c, h, w))
             self.model_spec["denoise"] = dict(cfg.model.denoise)
         model = self.recipe.prepare(model, example=train.float_images(slice(0, 2)))
+        teacher = getattr(self.recipe, "teacher", None)
+        if teacher is not None:  # on the training device from the start (a resumed run
+            teacher.to(self.device)  # may reach the teacher's evaluation without a step)
         if cfg.defenses:  # trained with the defenses in front, saved with them (meta.json)
             from robustlab.defenses import defend
 
@@ -571,6 +576,7 @@ class Trainer:
         sc = self.cfg.select
         if sc.metric != "val_robust":
             return None
+        self.select_norm = sc.norm or getattr(self.recipe, "norm", "linf")
         eps = sc.eps if sc.eps is not None else getattr(self.recipe, "eps", None)
         if not eps:
             raise ConfigError(
@@ -590,7 +596,7 @@ class Trainer:
 
             sc = self.cfg.select
             attack = PGD(
-                self.model, eps=self.select_eps, steps=sc.steps,
+                self.model, eps=self.select_eps, steps=sc.steps, norm=self.select_norm,
                 step_size=2.5 * self.select_eps / sc.steps, seed=self.cfg.seed,
             )  # fmt: skip
             robust = total = 0
@@ -720,6 +726,8 @@ class Trainer:
         if self.best is not None:  # the selected epoch's weights are what is saved
             self.model.load_state_dict(self.best["model"])
             metric = self.cfg.select.metric
+            rows = [r for r in self.run.metrics() if r.get("epoch") == self.best["epoch"]]
+            final["train_acc"] = rows[0]["train_acc"] if rows else None  # of the saved epoch
             final.update(
                 selected_by=metric, selected_epoch=self.best["epoch"],
                 selected_score=self.best["score"], test_acc=self.evaluate(),

@@ -163,7 +163,11 @@ class Hints(Recipe):
         return HintedStudent(model, make_regressor(mine[0].shape, theirs[0].shape))
 
     def _hinted(self, model: nn.Module) -> HintedStudent:
+        from robustlab.defenses import DefendedModel
+
         net = self.unwrap(model)
+        if isinstance(net, DefendedModel):  # trained with defenses in front (config defenses)
+            net = net.model
         if not isinstance(net, HintedStudent):
             raise RuntimeError("hints recipe: loss() got a model its prepare() did not return")
         return net
