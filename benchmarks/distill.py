@@ -4,8 +4,8 @@ alone versus distilled from a small_cnn teacher (3.3M parameters).
 Per seed: a standard and a PGD-trained teacher; LeNet trained alone (standard, PGD),
 distilled from the standard teacher (Hinton et al.'s ``distill``, FitNets ``hints``),
 distilled from the PGD teacher (``ard``, ``rslad``), and defensive distillation (an
-initial LeNet at T = 100 and the LeNet distilled from it). Every run holds out the last
-500 training images as a validation split and saves the epoch that is best on it (clean
+initial LeNet at T = 100 and the LeNet distilled from it). Every run holds out 500
+training images (a seeded random draw) as a validation split and saves the epoch that is best on it (clean
 accuracy, or PGD-10 accuracy at eps 0.3 for the adversarial recipes): the test split
 is never used to choose.
 

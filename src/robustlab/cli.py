@@ -103,6 +103,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     data, name = _load_run_data(run.path, args.split, args.n)
     result: dict = {"split": args.split, "n": len(data)}
     baseline = _corruption_baseline(args, name) if args.corruptions else None
+    checks = {"cheap": True, "full": "full", "off": False}[args.checks]
     with run.lock("evaluation"):
         print(f"run             {run.path}")
         print(f"data            {name} {args.split} ({len(data)} images)")
@@ -120,7 +121,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 model, data, attacks=attacks, eps=eps, norm=args.norm,
                 batch_size=args.batch_size, seed=args.seed, state_file=state,
                 eot_samples=args.eot_samples,
-                checks={"cheap": True, "full": "full", "off": False}[args.checks],
+                checks=checks,
             )  # fmt: skip
             result.update(clean_accuracy=report.clean_accuracy, robust=report.to_dict())
             print(report.table())
@@ -138,7 +139,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     load(teacher.path, device=_device(args.device)), data, attacks=attacks,
                     eps=eps, norm=args.norm, batch_size=args.batch_size, seed=args.seed,
                     state_file=run.file(TEACHER_STATE_FILE), eot_samples=args.eot_samples,
-                    checks={"cheap": True, "full": "full", "off": False}[args.checks],
+                    checks=checks,
                 )  # fmt: skip
                 result["teacher"] = {
                     "run": str(teacher.path),

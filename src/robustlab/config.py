@@ -119,7 +119,8 @@ class DataConfig:
     normalize: bool = True  # put Normalize(mean, std) of the training split into the model
     train_limit: int | None = None  # keep only the first N training images (quick runs)
     test_limit: int | None = None  # keep only the first N test images
-    # hold out the last N training images as a validation split: never trained on, logged
+    # hold out N training images (a random draw seeded by `seed`) as a validation split:
+    # never trained on, logged
     # as val_acc, and the only data a checkpoint is selected on (see SelectConfig)
     val_size: int = 0
 

@@ -228,7 +228,7 @@ class Trainer:
                 train.subset(order[: dc.val_size].sort().values),
                 train.subset(order[dc.val_size :].sort().values),
             )
-        self.select_eps = self._select_eps()
+        self.select_eps, self.select_norm = self._select_budget()
         held = self.recipe.holdout_size
         if held:
             if held >= len(train):
@@ -572,18 +572,19 @@ class Trainer:
 
     # -- validation and checkpoint selection ----------------------------------------------
 
-    def _select_eps(self) -> float | None:
+    def _select_budget(self) -> tuple[float | None, str]:
+        """``val_robust``'s eps and norm: the config's, else the recipe's (None: no attack)."""
         sc = self.cfg.select
+        norm = sc.norm or getattr(self.recipe, "norm", "linf")
         if sc.metric != "val_robust":
-            return None
-        self.select_norm = sc.norm or getattr(self.recipe, "norm", "linf")
+            return None, norm
         eps = sc.eps if sc.eps is not None else getattr(self.recipe, "eps", None)
         if not eps:
             raise ConfigError(
                 f"select.metric=val_robust needs a budget: set select.eps (recipe "
                 f"{self.cfg.recipe.name!r} has no eps of its own)"
             )
-        return float(eps)
+        return float(eps), norm
 
     def validate(self) -> dict[str, float]:
         """Accuracy on the validation split: clean (``val_acc``) and, when checkpoints are

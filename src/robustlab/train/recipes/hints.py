@@ -151,7 +151,7 @@ class Hints(Recipe):
 
     def prepare(self, model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
         model = super().prepare(model, example)
-        layer = find_module(model, self.student_layer_name, "student")
+        layer = self._guided = find_module(model, self.student_layer_name, "student")
         if example is None:
             raise ConfigError("hints recipe: prepare needs an example batch to size the regressor")
         with torch.no_grad(), capture(layer) as mine, capture(self.teacher_layer) as theirs:
@@ -174,10 +174,9 @@ class Hints(Recipe):
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         net = self._hinted(model)
-        guided = find_module(net.student, self.student_layer_name, "student")
         with capture(self.teacher_layer) as theirs:
             teacher_logits = self.teacher(x)
-        with self.optimizing(model), capture(guided) as mine:
+        with self.optimizing(model), capture(self._guided) as mine:
             logits = model(x)
             guided_features = net.regressor(mine[0])
             wide = torch.promote_types(guided_features.dtype, torch.float32)
