@@ -88,9 +88,34 @@ def _load_run_data(run: Path, split: str, n: int):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    """``robustlab eval``; under torchrun the points are sharded over the processes
+    (rank 0 prints and writes, every rank attacks its share)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _eval(args, None)
+    from robustlab.train.distributed import init_distributed, local_rank, resolve_device
+
+    if args.corruptions:
+        raise ConfigError("--corruptions is not sharded: run it in one process (without torchrun)")
+    device = resolve_device(args.device or "cpu", local_rank())
+    args.device = str(device)
+    dist = init_distributed(device)
+    try:
+        return _eval(args, dist)
+    finally:
+        dist.close()
+
+
+def _eval(args: argparse.Namespace, dist) -> int:
+    import contextlib
+
     from robustlab.evaluate import clean_accuracy, evaluate
     from robustlab.io import EVAL_FILE, EVAL_STATE_FILE, TEACHER_STATE_FILE, Run, load
 
+    main = dist is None or dist.is_main
+    say = print if main else (lambda *a, **k: None)
+    sharded = {"distributed": dist is not None}
     run = Run(args.run).require()
     eps = _split_floats(args.eps)
     if args.transfer_from and not eps:
@@ -104,42 +129,43 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result: dict = {"split": args.split, "n": len(data)}
     baseline = _corruption_baseline(args, name) if args.corruptions else None
     checks = {"cheap": True, "full": "full", "off": False}[args.checks]
-    with run.lock("evaluation"):
-        print(f"run             {run.path}")
-        print(f"data            {name} {args.split} ({len(data)} images)")
+    with run.lock("evaluation") if main else contextlib.nullcontext():
+        say(f"run             {run.path}")
+        say(f"data            {name} {args.split} ({len(data)} images)")
+        if dist is not None:
+            say(f"processes       {dist.world_size} (each attacks its share of every stage)")
         if args.corruptions:
             _eval_corruptions(args, run, model, data, name, baseline)
             if not eps:
                 return 0
         if not eps:
             result["clean_accuracy"] = clean_accuracy(model, data, batch_size=args.batch_size)
-            print(f"clean accuracy  {100 * result['clean_accuracy']:.2f}%")
+            say(f"clean accuracy  {100 * result['clean_accuracy']:.2f}%")
         else:
             attacks = [a for a in (args.attacks or "quick").split(",") if a]
             state = Path(args.state) if args.state else run.file(EVAL_STATE_FILE)
             report = evaluate(
                 model, data, attacks=attacks, eps=eps, norm=args.norm,
                 batch_size=args.batch_size, seed=args.seed, state_file=state,
-                eot_samples=args.eot_samples,
-                checks=checks,
+                eot_samples=args.eot_samples, checks=checks, **sharded,
             )  # fmt: skip
             result.update(clean_accuracy=report.clean_accuracy, robust=report.to_dict())
-            print(report.table())
+            say(report.table())
             for src in sources:  # black-box: examples made on the source, scored here
                 transfer = evaluate(
                     model, data, attacks=attacks, eps=eps, norm=args.norm,
                     batch_size=args.batch_size, seed=args.seed, checks=False,
-                    transfer_from=load(src.path, device=_device(args.device)),
+                    transfer_from=load(src.path, device=_device(args.device)), **sharded,
                 )  # fmt: skip
                 result.setdefault("transfer", {})[str(src.path)] = transfer.to_dict()
-                print(f"transfer from {src.path}:")
-                print(transfer.table())
+                say(f"transfer from {src.path}:")
+                say(transfer.table())
             if teacher is not None:  # the same points, attacks and seed as the student
                 report = evaluate(
                     load(teacher.path, device=_device(args.device)), data, attacks=attacks,
                     eps=eps, norm=args.norm, batch_size=args.batch_size, seed=args.seed,
                     state_file=run.file(TEACHER_STATE_FILE), eot_samples=args.eot_samples,
-                    checks=checks,
+                    checks=checks, **sharded,
                 )  # fmt: skip
                 result["teacher"] = {
                     "run": str(teacher.path),
@@ -148,8 +174,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     "robust": report.to_dict(),
                 }
                 result["parameters"] = sum(p.numel() for p in model.parameters())
-                print(f"teacher {teacher.path}:")
-                print(report.table())
+                say(f"teacher {teacher.path}:")
+                say(report.table())
+        if not main:
+            return 0
         path = run.write_output(EVAL_FILE, result)
     print(f"written         {path}")
     return 0
@@ -569,7 +597,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     """The options every command that attacks a run's data shares."""
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--n", type=int, default=0, help="use the first N images (default: all)")
+    p.add_argument("-n", "--n", type=int, default=0, help="use the first N images (default: all)")
     p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cpu)")
@@ -625,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--n", type=int, default=0, help="use the first N images (default: all)")
+    p.add_argument("-n", "--n", type=int, default=0, help="use the first N images (default: all)")
     p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--state", help="resumable state file (default: RUN/eval_state.json)")
@@ -694,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="clean points, from the split's end, that fit the threshold (default 500)",
     )  # fmt: skip
     p.add_argument(
-        "--n", type=int, default=0,
+        "-n", "--n", type=int, default=0,
         help="points evaluated, from the split's start (default: all but --fit-n)",
     )  # fmt: skip
     p.add_argument("--steps", type=_positive_int, default=100, help="PGD steps of both attacks")
@@ -761,7 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fft (default), exact, lmt: proven bounds; power: an estimate",
     )
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--n", type=int, default=0, help="use the first N images (default: all)")
+    p.add_argument("-n", "--n", type=int, default=0, help="use the first N images (default: all)")
     p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--device", default=None)
     p.add_argument("--no-plot", action="store_true", help="skip certified.png")
@@ -775,7 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=_number, required=True, help="budget in pixel units (8/255 works)")
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--n", type=int, default=16, help="attack the first N images (default: 16)")
+    p.add_argument(
+        "-n", "--n", type=int, default=16, help="attack the first N images (default: 16)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="adv.npz", help="output .npz (the grid goes beside it as .png)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -69,6 +70,15 @@ OWNED_FILES = (
     EVAL_STATE_FILE, COMPARE_STATE_FILE, TEACHER_STATE_FILE, CERTIFY_FILE, CERTIFIED_PLOT,
     DETECT_FILE, CORRUPTIONS_FILE, *CORRUPTIONS_PLOTS,
 )  # fmt: skip
+
+
+#: the evaluation states' relatives: an adaptive evaluation's per-mode states
+#: (``eval_state.naive.json``), a sharded evaluation's per-rank batches (``.rank1``)
+#: and the states' locks
+_STATE_FAMILY = re.compile(
+    r"(eval_state|compare_state|eval_teacher_state)"
+    r"(\.(none|naive|bpda|transfer|eot-\d+|bpda_eot-\d+))?\.json(\.rank\d+)?(\.lock)?"
+)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -563,6 +573,7 @@ class Run:
                 p.name in names
                 or (p.name.startswith(".") and p.name.endswith(".tmp"))
                 or p.name.startswith(TENSORBOARD_PREFIX)
+                or _STATE_FAMILY.fullmatch(p.name) is not None
             )
         )
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import robustlab as rl
 from robustlab.attacks import PGD, Square
 from robustlab.errors import ConfigError
 from robustlab.evaluate import evaluate, expand_attacks
@@ -50,19 +51,30 @@ def test_resume_from_state_file_gives_the_same_report(trained_mnist_model, tmp_p
 
     model, test = trained_mnist_model
     kw = dict(attacks=["pgd:steps=3", "fgsm"], eps=[0.05, 0.1], n=90, batch_size=32, seed=1)
-    state = tmp_path / "state.json"
-    full = evaluate(model, test, state_file=state, **kw)
-    saved = json.loads(state.read_text())
-    assert all(stage["done"] for stage in saved["stages"].values())
-    # Simulate an interruption in the middle of the second epsilon's first attack.
-    saved["stages"]["1/0"].update(done=False, next=32)
-    del saved["stages"]["1/1"]
-    state.write_text(json.dumps(saved))
-    batches: list[tuple[int, int, int]] = []  # (eps, attack, first point) of each batch run
-    seed_of = robustness.batch_seed
+    full = evaluate(model, test, **kw)
+    batches: list[tuple[int, ...]] = []  # (eps, attack, first point) of each batch run
+    seed_of, run_batch = robustness.batch_seed, robustness._run_batch
     monkeypatch.setattr(robustness, "batch_seed", lambda *a: batches.append(a[1:]) or seed_of(*a))
+
+    def interrupted(*args):  # a Ctrl-C in the second eps's first attack, second batch
+        if batches[-1] == (1, 0, 32):
+            raise KeyboardInterrupt
+        return run_batch(*args)
+
+    state = tmp_path / "state.json"
+    monkeypatch.setattr(robustness, "_run_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, test, state_file=state, **kw)
+    saved = json.loads(state.read_text())
+    assert saved["stages"]["1/0"]["done"] is False and "1/1" not in saved["stages"]
+    monkeypatch.setattr(robustness, "_run_batch", run_batch)
+    batches.clear()
     resumed = evaluate(model, test, state_file=state, **kw)
     assert [r.robust_accuracy for r in resumed.results] == [r.robust_accuracy for r in full.results]
+    assert all(torch.equal(resumed.robust[e], full.robust[e]) for e in full.robust)
+    assert [[s.broken for s in r.stages] for r in resumed.results] == [
+        [s.broken for s in r.stages] for r in full.results
+    ]
     # only what was left ran: the second eps's first attack from its second batch, then
     # the second attack; nothing of the first eps
     assert batches and all(b[:2] in ((1, 0), (1, 1)) for b in batches), batches
@@ -138,3 +150,24 @@ def test_square_and_pgd_leave_a_train_mode_model_in_train_mode(trained_mnist_mod
         assert model.training
     finally:
         model.eval()
+
+
+class Unbreakable(nn.Module):
+    """Class 0 by a margin of 10 everywhere, with a (zero) input gradient."""
+
+    def forward(self, x):
+        return torch.tensor([10.0, 0.0]) + 0.0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def test_stage_cost_counts_the_passes_the_attack_made():
+    """PGD-3 with early stop on points it cannot break: per batch one single-image probe,
+    3 gradient passes per point and one forward per point to judge the result."""
+    data = rl.ImageDataset(torch.rand(40, 1, 4, 4), torch.zeros(40, dtype=torch.long),
+                           num_classes=2)  # fmt: skip
+    report = evaluate(Unbreakable(), data, attacks=["pgd:steps=3"], eps=[0.1], batch_size=16,
+                      checks=False, fast=False)  # fmt: skip
+    stage = report.results[0].stages[0]
+    assert (stage.attacked, stage.broken) == (40, 0)
+    assert stage.gradients == 3 * 40
+    assert stage.forwards == 40 + 3  # 3 batches: 16, 16, 8
+    assert "where the time went" in report.table() and "120 gradient" in report.table()

@@ -15,6 +15,7 @@ where it stopped (the state is rewritten atomically after every batch).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ from robustlab.data.base import ImageDataset, to_float
 from robustlab.data.loader import batch_seed
 from robustlab.errors import ConfigError, did_you_mean
 from robustlab.evaluate.clean import check_model_fits, model_device
+from robustlab.evaluate.shard import ALONE, Shard
 from robustlab.nn.adapt import (
     OutputSpec,
     as_classifier,
@@ -133,7 +135,11 @@ class StageResult:
     broken: int  #: points this attack broke that earlier stages had left robust
     robust_after: float  #: worst-case robust accuracy after this attack
     attacked: int  #: points it ran on
-    seconds: float
+    seconds: float  #: attack time (summed over the processes of a sharded evaluation)
+    #: images the model was asked for: forward-only passes and passes with an input
+    #: gradient (one image through the model counts one; EOT draws count each)
+    forwards: int = 0
+    gradients: int = 0
 
 
 @dataclass
@@ -195,9 +201,29 @@ class EvalReport:
             )
         return "\n".join(
             lines
+            + self.cost_lines()
             + [f"warning: {w}" for w in self.warnings]
             + [f"check {c}" for c in self.check_lines()]
         )
+
+    def cost_lines(self) -> list[str]:
+        """Where the time went: per eps and attack, the points attacked, the seconds, and
+        the images sent through the model (forward only / with an input gradient)."""
+        rows = [
+            (f"{r.eps:g}", s) for r in self.results for s in r.stages if s.attacked or s.seconds
+        ]
+        if not rows:
+            return []
+        width = max(len(s.attack) for _, s in rows)
+        lines = ["where the time went (per eps and attack):"]
+        for eps, s in rows:
+            lines.append(
+                f"  eps {eps:>6}  {s.attack:<{width}}  {s.attacked:6d} points  {s.seconds:8.1f} s"
+                f"  {s.forwards:9,d} forward  {s.gradients:9,d} gradient"
+            )
+        total = sum(s.seconds for _, s in rows)
+        lines.append(f"  total {total:.1f} s of attacks")
+        return lines
 
 
 def _tensor_digest(tensors: Sequence[torch.Tensor]) -> str:
@@ -229,6 +255,7 @@ def _settings(
         "batch_size": batch_size,  # per-batch seeds depend on it
         "attack_options": json.dumps(common, sort_keys=True, default=str),
         "fast": fast,
+        "format": 2,  # per-batch records (states of earlier versions start afresh)
     }
 
 
@@ -237,15 +264,25 @@ def _signature(settings: dict[str, Any]) -> str:
 
 
 def _predict(
-    model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device
-) -> torch.Tensor:
+    model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device,
+    shard: Shard = ALONE,
+) -> torch.Tensor:  # fmt: skip
+    """The model's predicted classes for ``x``, batch by batch (shared out over a shard's
+    processes: batch k on rank k mod world size)."""
+    parts: dict[int, torch.Tensor] = {}
     with torch.no_grad():
-        return torch.cat(
-            [
-                model(to_float(x[i : i + batch_size]).to(device)).argmax(1).cpu()
-                for i in range(0, len(x), batch_size)
-            ]
-        )
+        for k, i in enumerate(range(0, len(x), batch_size)):
+            if shard.mine(k):
+                parts[i] = model(to_float(x[i : i + batch_size]).to(device)).argmax(1).cpu()
+    return _joined(shard, parts)
+
+
+def _joined(shard: Shard, parts: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The per-batch tensors of every process, concatenated in batch order."""
+    merged: dict[int, torch.Tensor] = {}
+    for part in shard.gather(parts):
+        merged.update(part)
+    return torch.cat([merged[i] for i in sorted(merged)])
 
 
 def evaluate(
@@ -269,6 +306,7 @@ def evaluate(
     eot_samples: int = 10,
     rescore_draws: int | None = None,
     checks: bool | str = True,
+    distributed: bool = False,
 ) -> EvalReport:
     """Clean and worst-case robust accuracy of ``model`` on ``data``.
 
@@ -309,6 +347,14 @@ def evaluate(
             backward passes on 32 points and 4 noise draws per eps, and land in
             ``report.validity``. ``"full"`` adds the checks that attack again on 64
             points: an unbounded attack, FGSM versus the ensemble, doubled steps.
+        distributed: shard the points over the processes of torch.distributed's default
+            process group (a ``torchrun`` job; every process calls ``evaluate`` with the
+            same arguments): each stage's batches go round-robin to the processes, which
+            exchange the points they broke after every stage. The report, on every
+            process, is the single-process one (same batches, same seeds; stage seconds
+            are summed over processes). With ``state_file``, rank 0 keeps the state and
+            every other rank its unfinished batches beside it (``STATE.rank1`` ...), so an
+            interrupted job resumes, with any number of processes.
 
     A state file is resumed only when everything that decides the result is the same:
     the weights (hash), the points (hash of images and labels: data set, split and subset),
@@ -321,6 +367,9 @@ def evaluate(
     """
     if checks is not True and checks is not False and checks != "full":
         raise ConfigError(f"checks must be True, False or 'full', got {checks!r}")
+    shard = Shard.current(distributed)
+    if not distributed:
+        _note_unsharded()
     if isinstance(attacks, str):
         attacks = [attacks]
     specs = expand_attacks(list(attacks))
@@ -347,7 +396,7 @@ def evaluate(
             model, data, attacks=specs, eps=eps_list, norm=norm, batch_size=batch_size,
             seed=seed, state_file=state_file, device=device, progress=progress,
             attack_options=attack_options, fast=fast, output=output, eot_samples=eot_samples,
-            checks=checks,
+            checks=checks, distributed=distributed,
         )  # fmt: skip
     model = as_classifier(model, output)
     dev = torch.device(device) if device is not None else model_device(model)
@@ -361,7 +410,7 @@ def evaluate(
             model, data, specs, eps_list, norm, batch_size, seed, state_file, dev, progress,
             attack_options or {}, fast, fast_model(source, example) if fast else source,
             scorer=model if transfer_from is not None else None,
-            rescore_draws=rescore_draws, eot_draws=eot_samples,
+            rescore_draws=rescore_draws, eot_draws=eot_samples, shard=shard,
         )  # fmt: skip
     if checks:
         report.validity = _validity(
@@ -370,6 +419,25 @@ def evaluate(
         for c in report.validity.flagged:
             log.warning(c.line())
     return report
+
+
+def _note_unsharded() -> None:
+    """Say once per process when a process group exists but ``distributed`` is off."""
+    import torch.distributed as dist
+
+    global _NOTED_UNSHARDED
+    if _NOTED_UNSHARDED or not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() > 1:
+        _NOTED_UNSHARDED = True
+        log.warning(
+            "a process group of %d processes exists but evaluate(distributed=False): every "
+            "process evaluates every point; pass distributed=True (on every process) to shard",
+            dist.get_world_size(),
+        )
+
+
+_NOTED_UNSHARDED = False
 
 
 def _validity(model, data, report, eps_list, norm, batch_size, dev, seed, full=False):
@@ -428,7 +496,7 @@ def _eps_list(eps: Any) -> list[float]:
 
 def _evaluate(
     model, data, specs, eps_list, norm, batch_size, seed, state_file, dev, progress, common, fast,
-    target, scorer=None, rescore_draws=None, eot_draws=10,
+    target, scorer=None, rescore_draws=None, eot_draws=10, shard: Shard = ALONE,
 ) -> EvalReport:  # fmt: skip
     """``model`` gives clean predictions and the signature; ``target`` is what is attacked;
     ``scorer`` (transfer) decides success instead of the attack's own model."""
@@ -441,10 +509,10 @@ def _evaluate(
     clean_majority = None
     if draws > 1:  # correct on every draw (worst case) and on most (majority vote)
         clean_ok, clean_majority = (
-            ~m for m in _score_batches(model, x_all, y_all, batch_size, dev, draws)
+            ~m for m in _score_batches(model, x_all, y_all, batch_size, dev, draws, seed, shard)
         )
     else:
-        clean_ok = _predict(model, x_all, batch_size, dev) == y_all
+        clean_ok = _predict(model, x_all, batch_size, dev, shard) == y_all
     settings = _settings(model, data, specs, eps_list, norm, seed, batch_size, common, fast)
     settings["draws"] = draws
     if scorer is not None:
@@ -452,22 +520,28 @@ def _evaluate(
     sig = _signature(settings)
     state: dict[str, Any] = {"signature": sig, "settings": settings, "robust": {}, "stages": {}}
     path = Path(state_file) if state_file else None
-    lock = None
-    if path is not None:
-        from robustlab.io import FileLock
+    locks: list[Any] = []
 
-        lock = FileLock(path.with_name(path.name + ".lock"), "evaluation").acquire()
+    def locked_resume() -> tuple[dict[str, Any], str | None]:  # rank 0 (alone: the process)
+        if path is not None:
+            from robustlab.io import FileLock
+
+            locks.append(FileLock(path.with_name(path.name + ".lock"), "evaluation").acquire())
+        return _resume(path, state, settings)
+
     try:
-        state, note = _resume(path, state, settings)
+        state, note = shard.from_main(locked_resume)
+        store = _State(state, path, shard)
         report = _run_stages(
             model, specs, eps_list, norm, batch_size, seed, dev, progress, common, target,
-            x_all, y_all, clean_ok, state, path, scorer, draws, clean_majority, randomized,
+            x_all, y_all, clean_ok, store, scorer, draws, clean_majority, randomized, shard,
         )  # fmt: skip
+        store.finished()
         if note:
             report.warnings.insert(0, note)
         return report
     finally:
-        if lock is not None:
+        for lock in locks:
             lock.release()
 
 
@@ -504,15 +578,20 @@ def _resume(
 
 def _score_batches(
     model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, batch_size: int,
-    dev: torch.device, draws: int,
+    dev: torch.device, draws: int, seed: int = 0, shard: Shard = ALONE,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """:func:`_score` of clean images, batch by batch."""
-    parts = [
-        _score(model, to_float(x_all[i : i + batch_size]).to(dev),
-               y_all[i : i + batch_size].to(dev), draws)
-        for i in range(0, len(x_all), batch_size)
-    ]  # fmt: skip
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    """:func:`_score` of clean images, batch by batch, each batch's draws seeded by its
+    position (so that sharing batches out over processes changes nothing)."""
+    anys: dict[int, torch.Tensor] = {}
+    majorities: dict[int, torch.Tensor] = {}
+    for k, i in enumerate(range(0, len(x_all), batch_size)):
+        if shard.mine(k):
+            torch.manual_seed(batch_seed(seed, 1 << 20, i))  # apart from the stages' seeds
+            anys[i], majorities[i] = _score(
+                model, to_float(x_all[i : i + batch_size]).to(dev),
+                y_all[i : i + batch_size].to(dev), draws,
+            )  # fmt: skip
+    return _joined(shard, anys), _joined(shard, majorities)
 
 
 def _score(
@@ -540,20 +619,32 @@ class _Context:
     progress: bool | None
     common: dict[str, Any]  #: options given to every attack
     draws: int  #: forward passes each adversarial example is scored over
+    shard: Shard = ALONE  #: this process's share of the batches
 
 
 class _State:
-    """The resumable record of an evaluation: per stage (eps, attack) how far it got, and
-    per eps the robust masks; written atomically to ``path`` after every batch."""
+    """The resumable record of an evaluation, written atomically after every batch.
 
-    def __init__(self, data: dict[str, Any], path: Path | None) -> None:
-        self.data, self.path = data, path
+    Per stage (eps, attack): the points it attacks (fixed when it starts), and while it
+    runs, per finished batch the points that batch broke; once it is done, its totals.
+    Per eps: the robust masks after the finished stages. Sharded, rank 0 writes this
+    file and every other rank writes its own unfinished batches to ``PATH.rankR``; the
+    batches of a stage are merged when it ends, so any rank's record serves any layout.
+    """
+
+    def __init__(self, data: dict[str, Any], path: Path | None, shard: Shard = ALONE) -> None:
+        self.data, self.shard = data, shard
         data.setdefault("majority", {})
+        self.path = path if path is None or shard.is_main else _rank_path(path, shard.rank)
+        self.own: dict[str, Any] = {}  #: a non-zero rank's record: {stage, targets, batches}
+        if self.path is not None and not shard.is_main and self.path.is_file():
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+                own = json.loads(self.path.read_text())
+                if isinstance(own, dict) and own.get("signature") == data["signature"]:
+                    self.own = own
 
     def stage(self, key: str) -> dict[str, Any]:
-        return self.data["stages"].get(
-            key, {"next": 0, "broken": 0, "attacked": 0, "seconds": 0.0, "done": False}
-        )
+        return self.data["stages"].get(key, {"done": False})
 
     def masks(
         self, key: str, robust: torch.Tensor, majority: torch.Tensor
@@ -566,22 +657,57 @@ class _State:
 
         return restored("robust", robust), restored("majority", majority)
 
+    def done_batches(self, key: str, stage: dict[str, Any]) -> dict[str, Any]:
+        """The finished batches of a running stage this process knows of."""
+        done = dict(stage.get("batches", {}))
+        if self.own.get("stage") == key and self.own.get("targets") == _digest(stage["targets"]):
+            done.update(self.own.get("batches", {}))
+        return done
+
+    def save_batch(self, key: str, stage: dict[str, Any], done: dict[str, Any]) -> None:
+        """Record a running stage's finished batches (``done``: this process's view)."""
+        if self.shard.is_main:
+            stage["batches"] = done
+            self.data["stages"][key] = stage
+            self._write(self.data)
+        else:
+            mine = {"stage": key, "targets": _digest(stage["targets"]), "batches": done}
+            self._write({"signature": self.data["signature"], **mine})
+
     def save(self, key: str, stage: dict[str, Any], robust: torch.Tensor,
              majority: torch.Tensor) -> None:  # fmt: skip
+        """Record a finished stage and the masks it left (rank 0 writes)."""
         eps_key = key.split("/")[0]
         self.data["stages"][key] = stage
         self.data["robust"][eps_key] = robust.tolist()
         self.data["majority"][eps_key] = majority.tolist()
+        if self.shard.is_main:
+            self._write(self.data)
+
+    def finished(self) -> None:
+        """The evaluation is complete: a non-zero rank's batch record is not needed."""
+        if self.path is not None and not self.shard.is_main:
+            self.path.unlink(missing_ok=True)
+
+    def _write(self, data: dict[str, Any]) -> None:
         if self.path is not None:
             from robustlab.io import write_json
 
-            write_json(self.path, self.data)
+            write_json(self.path, data)
+
+
+def _rank_path(path: Path, rank: int) -> Path:
+    return path.with_name(f"{path.name}.rank{rank}")
+
+
+def _digest(values: list[int]) -> str:
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
 
 
 def _run_stages(
     model, specs, eps_list, norm, batch_size, seed, dev, progress, common, target,
-    x_all, y_all, clean_ok, state, path, scorer=None, draws=1, clean_majority=None,
-    randomized=False,
+    x_all, y_all, clean_ok, store, scorer=None, draws=1, clean_majority=None,
+    randomized=False, shard: Shard = ALONE,
 ) -> EvalReport:  # fmt: skip
     """The stage loop: for each eps (increasing), each attack runs on the points still
     robust and breaks what it can (:func:`_run_stage`); then :func:`_assemble` builds
@@ -590,8 +716,7 @@ def _run_stages(
     worst case if any pass misclassifies it, broken by majority vote if most do. Points
     are attacked while robust by majority vote, so both figures see every attack."""
     ctx = _Context(model, target, scorer, x_all, y_all, norm, batch_size, seed, dev, progress,
-                   common, draws)  # fmt: skip
-    store = _State(state, path)
+                   common, draws, shard)  # fmt: skip
     clean_majority = clean_ok if clean_majority is None else clean_majority
     results: list[EpsResult] = []
     robust_masks: dict[float, torch.Tensor] = {}
@@ -617,46 +742,77 @@ def _run_stage(
     ctx: _Context, store: _State, ei: int, e: float, ai: int, spec: AttackSpec,
     robust: torch.Tensor, majority: torch.Tensor,
 ) -> StageResult:  # fmt: skip
-    """One attack at one eps, on the points robust (by majority vote) when it starts,
-    batch by batch, each batch seeded by its position; ``robust`` and ``majority`` are
-    updated in place and the state saved after every batch, so an interrupted stage
-    resumes at its next batch."""
+    """One attack at one eps, on the points robust (by majority vote) when it starts.
+
+    Those points are cut into batches of ``batch_size``, each seeded by its position;
+    this process runs its share of them (all, when alone), recording after every batch
+    the points it broke, so an interrupted stage resumes at its unfinished batches. When
+    every batch is done (the processes of a sharded evaluation exchange theirs),
+    ``robust`` and ``majority`` are updated in place: the result does not depend on
+    which process ran which batch, or in what order.
+    """
     key = f"{ei}/{ai}"
     stage = store.stage(key)
     if not stage["done"]:
-        if stage["next"] == 0:
+        if "targets" not in stage:
             todo = majority.nonzero()[:, 0]
-            stage["attacked"] = int(todo.numel())
-            stage["targets"] = todo.tolist()
+            stage = {"done": False, "targets": todo.tolist(), "attacked": int(todo.numel())}
         targets = torch.tensor(stage["targets"], dtype=torch.long)
-        batches = range(stage["next"], len(targets), ctx.batch_size)
-        bar = tqdm(batches, desc=f"eps {e:g} {spec.label}", leave=False,
+        starts = range(0, len(targets), ctx.batch_size)
+        done = store.done_batches(key, stage)
+        todo_starts = [s for k, s in enumerate(starts) if ctx.shard.mine(k) and str(s) not in done]
+        bar = tqdm(todo_starts, desc=f"eps {e:g} {spec.label}", leave=False,
                    disable=None if ctx.progress is None else not ctx.progress)  # fmt: skip
         for start in bar:
-            t0 = time.perf_counter()
-            idx = targets[start : start + ctx.batch_size]
-            s = batch_seed(ctx.seed, ei, ai, start)
-            torch.manual_seed(s)
-            attack = spec.build(ctx.target, e, ctx.norm, s, **ctx.common)
-            x = to_float(ctx.x_all[idx]).to(ctx.dev)
-            y = ctx.y_all[idx].to(ctx.dev)
-            result = attack.run(x, y)
-            if ctx.scorer is None and ctx.draws == 1:
-                broken_any = broken_majority = result.success.cpu()
-            else:  # transfer, or a randomized model: score on the evaluated model
-                judge = ctx.scorer if ctx.scorer is not None else ctx.model
-                broken_any, broken_majority = _score(judge, result.x_adv, y, ctx.draws)
-            stage["broken"] += int((robust[idx] & broken_any).sum())
-            robust[idx[broken_any]] = False
-            majority[idx[broken_majority]] = False
-            stage["next"] = start + ctx.batch_size
-            stage["seconds"] += time.perf_counter() - t0
-            store.save(key, stage, robust, majority)
-        stage["done"] = True
-        stage["robust_after"] = float(robust.float().mean())
+            done[str(start)] = _run_batch(ctx, spec, e, targets[start : start + ctx.batch_size],
+                                          batch_seed(ctx.seed, ei, ai, start))  # fmt: skip
+            store.save_batch(key, stage, done)
+        merged: dict[str, Any] = {}
+        for part in ctx.shard.gather(done):
+            merged.update(part)
+        if set(merged) != {str(s) for s in starts}:  # every batch is somebody's
+            raise RuntimeError(f"stage {key}: batches missing after the exchange")
+        broken = 0
+        for record in merged.values():
+            hit = torch.tensor(record["any"], dtype=torch.long)
+            broken += int(robust[hit].sum())
+            robust[hit] = False
+            majority[torch.tensor(record["majority"], dtype=torch.long)] = False
+        stage = {
+            "done": True, "attacked": stage["attacked"], "broken": broken,
+            "robust_after": float(robust.float().mean()),
+            "seconds": sum(r["seconds"] for r in merged.values()),
+            "forwards": sum(r["forwards"] for r in merged.values()),
+            "gradients": sum(r["gradients"] for r in merged.values()),
+        }  # fmt: skip
         store.save(key, stage, robust, majority)
-    return StageResult(spec.label, stage["broken"], stage["robust_after"], stage["attacked"],
-                       round(stage["seconds"], 3))  # fmt: skip
+    return StageResult(
+        spec.label, stage["broken"], stage["robust_after"], stage["attacked"],
+        round(stage["seconds"], 3), stage["forwards"], stage["gradients"],
+    )  # fmt: skip
+
+
+def _run_batch(
+    ctx: _Context, spec: AttackSpec, e: float, idx: torch.Tensor, seed: int
+) -> dict[str, Any]:
+    """Attack the points ``idx`` (one batch) at ``e``: the points broken (on any draw and
+    by majority vote), the time taken and the images sent through the model."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    attack = spec.build(ctx.target, e, ctx.norm, seed, **ctx.common)
+    x = to_float(ctx.x_all[idx]).to(ctx.dev)
+    y = ctx.y_all[idx].to(ctx.dev)
+    result = attack.run(x, y)
+    if ctx.scorer is None and ctx.draws == 1:
+        broken_any = broken_majority = result.success.cpu()
+    else:  # transfer, or a randomized model: score on the evaluated model
+        judge = ctx.scorer if ctx.scorer is not None else ctx.model
+        broken_any, broken_majority = _score(judge, result.x_adv, y, ctx.draws)
+    return {
+        "any": idx[broken_any].tolist(), "majority": idx[broken_majority].tolist(),
+        "seconds": time.perf_counter() - t0, "forwards": attack.passes["forward"],
+        "gradients": attack.passes["gradient"],
+    }  # fmt: skip
 
 
 def _assemble(
