@@ -28,6 +28,14 @@ import robustlab as rl
 from robustlab.attacks import PGD, fast_model
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def floor(model, x, y, steps):
     for _ in range(steps):
         xa = x.detach().requires_grad_(True)
@@ -50,8 +58,13 @@ def build(args):
     model = model.eval().to(args.device)
     if args.run:
         with open(f"{args.run}/meta.json") as fh:
-            test = rl.load_dataset(json.load(fh)["data"]["name"], "test")
+            meta = json.load(fh)["data"]
+        test = rl.load_dataset(
+            meta["name"], "test", meta.get("root"), **(meta.get("options") or {})
+        )
         x, y = test.float_images()[: args.batch], test.y[: args.batch]
+        if len(x) < args.batch:
+            raise SystemExit(f"the test split has {len(x)} images, fewer than --batch")
     else:
         x, y = torch.rand(args.batch, *shape), torch.randint(0, classes, (args.batch,))
     return model, x.to(args.device), y.to(args.device)
@@ -62,9 +75,19 @@ def contenders(model, x, y, args) -> dict[str, Callable[[], torch.Tensor | None]
     alpha = 2.5 * eps / steps
     out: dict[str, Callable] = {
         "floor": lambda: floor(model, x, y, steps),
+        # as users construct it: the defaults (precision auto, channels_last input)
         "robustlab": lambda: PGD(model, eps=eps, steps=steps, step_size=alpha)(x, y),
+        "robustlab fp32 NCHW": lambda: PGD(
+            model, eps=eps, steps=steps, step_size=alpha, precision="fp32", channels_last=False
+        )(x, y),
+        "robustlab fp32": lambda: PGD(
+            model, eps=eps, steps=steps, step_size=alpha, precision="fp32"
+        )(x, y),
+        "robustlab bf16 NCHW": lambda: PGD(
+            model, eps=eps, steps=steps, step_size=alpha, precision="bf16", channels_last=False
+        )(x, y),
     }
-    fast = fast_model(model)  # robustlab's default for evaluation: frozen channels_last copy
+    fast = fast_model(model)  # a frozen channels_last copy
     out["robustlab fast_model"] = lambda: PGD(fast, eps=eps, steps=steps, step_size=alpha)(x, y)
     if args.compile:
         compiled = fast_model(model, compile=True)
@@ -103,7 +126,9 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", default="small_cnn", choices=["small_cnn", "preact_resnet18"])
+    p.add_argument(
+        "--model", default="small_cnn", choices=["small_cnn", "preact_resnet18", "resnet18"]
+    )
     p.add_argument("--run", help="use a trained run (and its test data) instead of random weights")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
@@ -131,7 +156,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
         f"{args.model}, batch {args.batch}, {args.steps} steps, eps {args.eps}, {args.device}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}"
     )
     print(
         f"{'contender':26s} {'median s':>9s} {'/ floor':>8s} {'/ robustlab':>12s} {'success':>8s}"
@@ -145,7 +170,8 @@ def main() -> None:
                 result["success"][name] = rate
                 succ = f"{100 * rate:7.1f}%"
             print(
-                f"{name:26s} {med[name]:9.3f} {med[name] / med['floor']:8.3f} {med[name] / med['robustlab']:12.3f} {succ:>8s}"
+                f"{name:26s} {med[name]:9.3f} {med[name] / med['floor']:8.3f} "
+                f"{med[name] / med['robustlab']:12.3f} {succ:>8s}"
             )
     if args.json:
         with open(args.json, "w") as fh:

@@ -82,7 +82,7 @@ def test_linf_pgd_matches_the_analytic_optimum_of_a_binary_linear_model():
 def test_fgsm_equals_torchattacks(trained_mnist_model):
     model, test = trained_mnist_model
     x, y = test.float_images()[:64], test.y[:64]
-    ours = FGSM(model, eps=0.1)(x, y)
+    ours = FGSM(model, eps=0.1, precision="fp32")(x, y)  # the peer's arithmetic, to the bit
     theirs = torchattacks.FGSM(model, eps=0.1)(x, y)
     assert float((ours - theirs).abs().max()) <= 1e-6
 
@@ -90,7 +90,7 @@ def test_fgsm_equals_torchattacks(trained_mnist_model):
 def test_pgd_without_random_start_equals_torchattacks(trained_mnist_model):
     model, test = trained_mnist_model
     x, y = test.float_images()[:64], test.y[:64]
-    ours = PGD(model, eps=0.1, steps=10, step_size=0.02, random_start=False)(x, y)
+    ours = PGD(model, eps=0.1, steps=10, step_size=0.02, random_start=False, precision="fp32")(x, y)
     theirs = torchattacks.PGD(model, eps=0.1, alpha=0.02, steps=10, random_start=False)(x, y)
     assert float((ours - theirs).abs().max()) <= 1e-6
 
@@ -99,7 +99,8 @@ def test_l2_pgd_agrees_with_torchattacks_pgdl2(trained_mnist_model):
     model, test = trained_mnist_model
     x, y = test.float_images()[:200], test.y[:200]
     eps, alpha, steps = 1.5, 0.3, 10
-    ours = PGD(model, eps=eps, norm="l2", steps=steps, step_size=alpha, random_start=False)(x, y)
+    ours = PGD(model, eps=eps, norm="l2", steps=steps, step_size=alpha, random_start=False,
+               precision="fp32")(x, y)  # fmt: skip
     peer = torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=False)
     theirs = peer(x, y)
     for adv in (ours, theirs):
@@ -224,3 +225,18 @@ def test_universal_perturbation_fools_held_out_data_and_round_trips(trained_mnis
     uap.save(tmp_path / "uap.safetensors")
     loaded = UniversalPerturbation.load(tmp_path / "uap.safetensors", model)
     assert torch.equal(loaded.perturbation, v) and loaded.fooling_rate(held_out) == rate
+
+
+def test_bf16_pgd_is_as_strong_as_the_fp32_peer(trained_mnist_model):
+    """Reduced precision is a speed option: on a trained model, bf16 PGD breaks as many
+    points (judged in fp32) as torchattacks' fp32 PGD, within 2 of 200."""
+    model, test = trained_mnist_model
+    x, y = test.float_images()[:200], test.y[:200]
+    ours = PGD(model, eps=0.1, steps=10, step_size=0.02, random_start=False, precision="bf16")
+    theirs = torchattacks.PGD(model, eps=0.1, alpha=0.02, steps=10, random_start=False)(x, y)
+    result = ours.run(x, y)
+    with torch.no_grad():
+        truth = model(result.x_adv).argmax(1) != y  # fp32, outside the attack
+        peer = int((model(theirs).argmax(1) != y).sum())
+    assert torch.equal(result.success, truth)
+    assert int(truth.sum()) >= peer - 2 and peer > 20

@@ -101,7 +101,7 @@ class APGD(Attack):
         eta = torch.full((b,), 2.0 * self.eps, device=x.device, dtype=x.dtype)
 
         loss, grad, logits = self.loss_and_grad(x_adv, y, target, self.loss)
-        fooled = self.is_success(logits, y, target)
+        fooled = self.confirmed(x_adv, y, target, self.is_success(logits, y, target))
         first = torch.where(fooled, 0, -1)
         x_adv_best = torch.where(_view(fooled, x), x_adv, x)
         x_best, loss_best, grad_best = x_adv.clone(), loss.clone(), grad.clone()
@@ -128,11 +128,13 @@ class APGD(Attack):
                 loss, grad = prev_loss.clone(), grad.clone()
                 loss[act], grad[act] = loss_a, grad_a
                 newly = torch.zeros_like(fooled)
-                newly[act] = self.is_success(logits_a, y[act], t)
+                newly[act] = self.confirmed(x_adv[act], y[act], t,
+                                            self.is_success(logits_a, y[act], t))  # fmt: skip
                 newly &= ~fooled
             else:
                 loss, grad, logits = self.loss_and_grad(x_adv, y, target, self.loss)
-                newly = self.is_success(logits, y, target) & ~fooled
+                newly = self.confirmed(x_adv, y, target,
+                                       self.is_success(logits, y, target) & ~fooled)  # fmt: skip
             x_adv_best[newly] = x_adv[newly]
             first[newly] = i + 1
             fooled |= newly

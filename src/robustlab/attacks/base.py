@@ -43,6 +43,25 @@ LOSSES = ("ce", "margin", "dlr")
 #: the per-sample value the attack maximises
 LossFn: TypeAlias = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 TARGET_MODES = (False, True, "random", "least_likely")
+#: arithmetic of the model's passes inside an attack (see :class:`Attack`)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16
+    convolutions and matrix products beat fp32 ones; Linux only (elsewhere False)."""
+    global _CPU_BF16
+    if _CPU_BF16 is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line for line in f if line.startswith("flags")), "").split()
+        except OSError:
+            flags = []
+        _CPU_BF16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    return _CPU_BF16
+
+
+_CPU_BF16: bool | None = None
 
 
 class AttackError(RobustlabError, ValueError):
@@ -265,6 +284,20 @@ class Attack:
             during the attack; every module's original mode is restored afterwards.
         seed: seed of the attack's own randomness (random starts, targets, Square's
             proposals); ``None`` uses torch's global generator.
+        precision: arithmetic of the model's passes during the attack: ``"fp32"``;
+            ``"bf16"`` (autocast; CPU or CUDA); ``"fp16"`` (autocast, CUDA only); ``"auto"``
+            (default): bf16 on CPUs with native bf16 units (AVX512-BF16 or AMX) for a
+            float32 model in eval mode, where it was measured faster and as strong
+            (BENCHMARKS.md), else fp32. Success is always decided in fp32: every point a
+            reduced-precision pass calls fooled is confirmed by an fp32 pass before it
+            counts (or stops an early-stopping attack), and :meth:`run` judges the
+            returned points in fp32.
+        channels_last: pass 4-D inputs to the model in the channels_last (NHWC) layout,
+            without touching the model (its weights keep their layout); ``None``
+            (default): on for models with 2-D convolutions when the passes run in reduced
+            precision (where it was measured to help). The returned points have the
+            input's layout. For a frozen copy with channels_last weights too, attack
+            :func:`~robustlab.attacks.fast_model` (what ``evaluate`` does).
     """
 
     name: ClassVar[str] = "attack"
@@ -282,6 +315,8 @@ class Attack:
         eot_samples: int = 1,
         model_mode: str = "eval",
         seed: int | None = None,
+        precision: str = "auto",
+        channels_last: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module) and not callable(model):
             raise AttackError(f"model must be an nn.Module or callable, got {type(model).__name__}")
@@ -303,6 +338,18 @@ class Attack:
             raise AttackError(f"eot_samples must be >= 1, got {eot_samples}")
         if model_mode not in ("eval", "train"):
             raise AttackError(f"model_mode must be 'eval' or 'train', got {model_mode!r}")
+        if precision not in PRECISIONS:
+            raise AttackError(
+                f"unknown precision {precision!r}{did_you_mean(str(precision), PRECISIONS)} "
+                f"(choose from {', '.join(PRECISIONS)})"
+            )
+        if precision != "fp32" and precision != "auto" and model_mode == "train":
+            raise AttackError(
+                f"precision={precision!r} needs model_mode='eval': success is confirmed in "
+                "fp32 on the points in question, which batch norm in train mode would change"
+            )
+        if channels_last not in (None, True, False):
+            raise AttackError(f"channels_last must be True, False or None, got {channels_last!r}")
         index_or_key = isinstance(output_fn, (int, str)) and not isinstance(output_fn, bool)
         if output_fn is not None and not (index_or_key or callable(output_fn)):
             raise AttackError(
@@ -316,7 +363,13 @@ class Attack:
         self.eot_samples = eot_samples
         self.model_mode = model_mode
         self.seed = seed
+        self.precision = precision
+        self.channels_last = channels_last
         self._generator: torch.Generator | None = None
+        self._reduced: torch.dtype | None = None  #: autocast dtype of the running call
+        #: images sent through the model so far, without and with an input gradient
+        #: (every call of :meth:`logits` counts; where an evaluation's time goes)
+        self.passes = {"forward": 0, "gradient": 0}
 
     # -- public API ------------------------------------------------------------------
 
@@ -351,6 +404,8 @@ class Attack:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits for ``x``, checked to be a (B, K) tensor."""
+        kind = "gradient" if torch.is_grad_enabled() and x.requires_grad else "forward"
+        self.passes[kind] += x.shape[0]
         try:
             return check_logits(select_output(self.model(x), self.output_fn), x.shape[0])
         except OutputError as err:  # the attacks' keyword is output_fn
@@ -393,6 +448,22 @@ class Attack:
     ) -> torch.Tensor:
         pred = logits.argmax(1)
         return pred == target if target is not None else pred != y
+
+    def confirmed(
+        self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, fooled: torch.Tensor
+    ) -> torch.Tensor:
+        """``fooled`` (a bool mask over ``x``'s rows, from reduced-precision logits) with
+        every True checked by an fp32 pass; unchanged in fp32. Attacks pass each point
+        they would call fooled through here, so reduced precision never decides success."""
+        if self._reduced is None or not bool(fooled.any()):
+            return fooled
+        idx = fooled.nonzero()[:, 0]
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            t = target[idx] if target is not None else None
+            ok = self.is_success(self.logits(x[idx].detach()), y[idx], t)
+        out = fooled.clone()
+        out[idx] = ok
+        return out
 
     @property
     def generator(self) -> torch.Generator | None:
@@ -458,10 +529,60 @@ class Attack:
         with torch.no_grad():  # least likely among the wrong classes
             return self.logits(x).scatter(1, y[:, None], float("inf")).argmin(1)
 
+    def _reduced_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The autocast dtype of this call (``precision``), or None for fp32."""
+        if self.precision == "fp32":
+            return None
+        if self.precision == "fp16":
+            if x.device.type != "cuda":
+                raise AttackError("precision='fp16' needs a CUDA device; on the CPU use 'bf16'")
+            return torch.float16
+        if self.precision == "bf16":
+            if x.device.type not in ("cpu", "cuda"):
+                raise AttackError(f"precision='bf16' needs a CPU or CUDA device, got {x.device}")
+            return torch.bfloat16
+        params = list(self.model.parameters()) if isinstance(self.model, nn.Module) else []
+        auto = (
+            x.device.type == "cpu" and cpu_has_bf16() and self.model_mode == "eval"
+            and x.dtype == torch.float32 and all(p.dtype == torch.float32 for p in params)
+            and any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in self.model.modules())
+        ) if isinstance(self.model, nn.Module) else False  # fmt: skip
+        return torch.bfloat16 if auto else None
+
+    def _wants_channels_last(self, x: torch.Tensor, reduced: torch.dtype | None) -> bool:
+        if x.ndim != 4 or self.channels_last is False:
+            return False
+        if self.channels_last:
+            return True
+        # measured (BENCHMARKS.md): faster with bf16 on a ResNet at batch 64, a wash with
+        # fp32 or on small_cnn; so by default only with reduced precision
+        return (
+            reduced is not None
+            and isinstance(self.model, nn.Module)
+            and any(isinstance(m, nn.Conv2d) for m in self.model.modules())
+        )
+
     def _execute(
         self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, need_success: bool
     ) -> AttackResult:
         x, y, target = self._check_inputs(x, y, target)
+        reduced = self._reduced_dtype(x)
+        layout = torch.channels_last if self._wants_channels_last(x, reduced) else None
+        x_in = x if layout is None else x.contiguous(memory_format=layout)
+        self._reduced = reduced
+        try:
+            with torch.autocast(x.device.type, dtype=reduced or torch.float32,
+                                enabled=reduced is not None):  # fmt: skip
+                x_adv, success, first_step = self._attack(x_in, y, target, need_success)
+        finally:
+            self._reduced = None
+        if layout is not None and x.is_contiguous():  # the caller's layout back
+            x_adv = x_adv.contiguous()
+        return AttackResult(x_adv, success, first_step)
+
+    def _attack(
+        self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, need_success: bool
+    ) -> AttackResult:
         with self._model_state(x.device):
             if isinstance(self.model, nn.Module):  # probe in eval mode: no BN statistics move
                 self.model.eval()
@@ -488,9 +609,9 @@ class Attack:
                         _view(outside, x), project(x_adv, x, self.eps, self.norm), x_adv
                     )
                     success = None  # judge the projected points
-            if need_success and success is None:
-                with torch.no_grad():
-                    success = self.is_success(self.logits(x_adv), y, target)
+            if need_success and (success is None or self._reduced is not None):
+                with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                    success = self.is_success(self.logits(x_adv), y, target)  # fp32 decides
         return AttackResult(
             x_adv, success if success is not None else torch.zeros(0, dtype=torch.bool), first_step
         )
@@ -517,4 +638,5 @@ def EOT(attack: Attack, n: int = 30) -> Attack:
         raise AttackError(f"EOT needs n >= 1, got {n}")
     wrapped = copy.copy(attack)
     wrapped.eot_samples = n
+    wrapped.passes = {"forward": 0, "gradient": 0}  # its own count, not the original's
     return wrapped

@@ -108,7 +108,8 @@ class CW(Attack):
                     norms, point = dist.sqrt(), x_adv.detach()
                     reached = m < 0 if self.kappa == 0 else m <= -self.kappa
                     confident.offer(point, norms, reached)
-                    fooling.offer(point, norms, self.is_success(logits.detach(), y, target))
+                    fooled = self.is_success(logits.detach(), y, target)
+                    fooling.offer(point, norms, self.confirmed(point, y, target, fooled))
                     confident_round |= reached
             hi = torch.where(confident_round, torch.minimum(hi, c), hi)
             lo = torch.where(confident_round, lo, torch.maximum(lo, c))

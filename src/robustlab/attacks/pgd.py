@@ -130,7 +130,8 @@ class PGD(Attack):
             x_found = None
             for t in range(self.steps):
                 _, grad, logits = self.loss_and_grad(x_adv, y, target, self.loss)
-                newly = self.is_success(logits, y, target) & (first < 0)
+                fooled = self.is_success(logits, y, target) & (first < 0)
+                newly = self.confirmed(x_adv, y, target, fooled)
                 if newly.any():
                     x_found = x_adv.clone() if x_found is None else x_found
                     x_found[newly], first[newly] = x_adv[newly], t
@@ -138,7 +139,9 @@ class PGD(Attack):
                 x_adv = project(step, x, self.eps, self.norm)
             if x_found is not None:  # found earlier: keep the last iterate only if it fools too
                 with torch.no_grad():  # the whole batch, as in the steps (batch norm in train mode)
-                    lost = (first >= 0) & ~self.is_success(self.logits(x_adv), y, target)
+                    found = first >= 0
+                    fooled = self.is_success(self.logits(x_adv), y, target) & found
+                    lost = found & ~self.confirmed(x_adv, y, target, fooled)
                 x_adv[lost] = x_found[lost]
             return x_adv, first
         active = torch.arange(x.shape[0], device=x.device)
@@ -146,7 +149,8 @@ class PGD(Attack):
             t = target[active] if target is not None else None
             xa, x0 = x_adv[active], x[active]
             _, grad, logits = self.loss_and_grad(xa, y[active], t, self.loss)
-            keep = ~self.is_success(logits, y[active], t)  # fooled samples stay where they are
+            # fooled samples stay where they are
+            keep = ~self.confirmed(xa, y[active], t, self.is_success(logits, y[active], t))
             first[active[~keep]] = step_index
             step = project(
                 xa + self.step_size * normalize_step(grad, self.norm), x0, self.eps, self.norm
@@ -181,7 +185,7 @@ class PGD(Attack):
             t = target[idx] if target is not None else None
             x_adv, first = self._ascend(x[idx], y[idx], t)
             loss, logits = self.loss_value(x_adv, y[idx], t, self.loss)
-            fooled = self.is_success(logits, y[idx], t)
+            fooled = self.confirmed(x_adv, y[idx], t, self.is_success(logits, y[idx], t))
             first = torch.where(fooled & (first < 0), self.steps, first)  # the last iterate
             first_step[idx[fooled]] = restart * self.steps + first[fooled]
             better = fooled | (loss > best_loss[idx])

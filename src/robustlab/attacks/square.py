@@ -91,7 +91,8 @@ class Square(Attack):
 
     def _margin_loss(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None):
         loss, logits = self.loss_value(x, y, target, "margin")
-        return -loss, self.is_success(logits, y, target)  # minimise; < 0 once fooled
+        fooled = self.confirmed(x, y, target, self.is_success(logits, y, target))
+        return -loss, fooled  # minimise; < 0 once fooled
 
     def _rand(self, *shape: int, device: torch.device) -> torch.Tensor:
         return torch.rand(shape, generator=self.generator, device=device)

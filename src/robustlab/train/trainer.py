@@ -594,11 +594,13 @@ class Trainer:
         out = {"val_acc": (correct, total)}
         if self.select_eps is not None:
             from robustlab.attacks import PGD
+            from robustlab.train.recipes.base import TRAINING_PRECISION
 
             sc = self.cfg.select
             attack = PGD(
                 self.model, eps=self.select_eps, steps=sc.steps, norm=self.select_norm,
                 step_size=2.5 * self.select_eps / sc.steps, seed=self.cfg.seed,
+                precision=TRAINING_PRECISION,
             )  # fmt: skip
             robust = total = 0
             for x, y in self.val_loader:

@@ -12,7 +12,7 @@ from torch import nn
 from robustlab.attacks import PGD
 from robustlab.errors import ConfigError
 from robustlab.nn.aux_bn import aux_bn_state, convert_aux_bn, split_bn, strip_aux_bn, use_bn
-from robustlab.train.recipes.base import RECIPES, AdversarialRecipe
+from robustlab.train.recipes.base import RECIPES, TRAINING_PRECISION, AdversarialRecipe
 
 AUX_FILE = "aux_bn.safetensors"
 
@@ -82,6 +82,7 @@ class AdvProp(AdversarialRecipe):
         attack = PGD(
             net, eps=eps, steps=self.steps, step_size=step, norm=self.norm,
             targeted=self.targeted, model_mode="train" if self.attack_bn == "batch" else "eval",
+            precision=TRAINING_PRECISION,
         )  # fmt: skip
         with use_bn(net, "aux", i, freeze_stats=True), self.attacking(model):
             return attack(x, y)

@@ -26,6 +26,11 @@ from robustlab.registry import Registry, check_options, check_types, init_hints,
 #: name -> Recipe subclass
 RECIPES: Registry[Callable[..., Recipe]] = Registry("recipe")
 
+#: the arithmetic of the attacks training runs (see ``Attack(precision=...)``): fp32, as
+#: in every training result in BENCHMARKS.md; bf16 attacks (faster on CPUs with bf16
+#: units) are measured for evaluation only, not for what they do to the trained model
+TRAINING_PRECISION = "fp32"
+
 
 class Recipe:
     """Base class of training methods.
@@ -257,6 +262,7 @@ class AdversarialRecipe(Recipe):
         eps = self.current_eps()
         if eps == 0:
             return x
+        options.setdefault("precision", TRAINING_PRECISION)
         attack = PGD(
             self.unwrap(model), eps=eps, steps=steps, step_size=step_size * self.ramp(),
             norm=self.norm, **options,

@@ -11,7 +11,7 @@ from torch import nn
 
 from robustlab.attacks import PGD
 from robustlab.errors import ConfigError
-from robustlab.train.recipes.base import RECIPES, AdversarialRecipe
+from robustlab.train.recipes.base import RECIPES, TRAINING_PRECISION, AdversarialRecipe
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class OverfittingGuard:
         """Run the check after ``epoch`` (0-based); returns metrics, restores on collapse."""
         if self.x is None or self.y is None or eps <= 0:
             return {}
-        attack = PGD(model, eps=eps, norm=self.norm, steps=self.steps, seed=0)
+        attack = PGD(model, eps=eps, norm=self.norm, steps=self.steps, seed=0,
+                     precision=TRAINING_PRECISION)  # fmt: skip
         acc = 1.0 - float(attack.run(self.x, self.y).success.float().mean())
         metrics = {"guard_pgd_acc": acc, "guard_eps": eps}
         if self.last_acc >= 0 and acc < self.last_acc - self.drop:

@@ -9,7 +9,7 @@ from torch import nn
 
 from robustlab.attacks import FGSM
 from robustlab.errors import ConfigError
-from robustlab.train.recipes.base import RECIPES, AdversarialRecipe
+from robustlab.train.recipes.base import RECIPES, TRAINING_PRECISION, AdversarialRecipe
 
 
 @RECIPES.register("fgsm")
@@ -34,7 +34,8 @@ class FGSMTraining(AdversarialRecipe):
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         eps = self.current_eps()
         with self.attacking(model):
-            x_adv = FGSM(self.unwrap(model), eps=eps, norm=self.norm)(x, y) if eps > 0 else x
+            fgsm = FGSM(self.unwrap(model), eps=eps, norm=self.norm, precision=TRAINING_PRECISION)
+            x_adv = fgsm(x, y) if eps > 0 else x
         b = x.shape[0]
         with self.optimizing(model):
             logits = model(torch.cat([x, x_adv]))

@@ -9,7 +9,7 @@ from torch import nn
 
 from robustlab.attacks import FGSM
 from robustlab.errors import ConfigError
-from robustlab.train.recipes.base import RECIPES, AdversarialRecipe
+from robustlab.train.recipes.base import RECIPES, TRAINING_PRECISION, AdversarialRecipe
 
 
 @RECIPES.register("nfgsm")
@@ -46,7 +46,8 @@ class NFGSMTraining(AdversarialRecipe):
             k_eps = self.noise * eps
             x_noise = (x + (torch.rand_like(x) * 2 - 1) * k_eps).clamp(0, 1)
             # FGSM from the noisy point; its eps is the step and only [0, 1] clips it
-            attack = FGSM(self.unwrap(model), eps=self.step_size * self.ramp(), norm="linf")
+            attack = FGSM(self.unwrap(model), eps=self.step_size * self.ramp(), norm="linf",
+                          precision=TRAINING_PRECISION)  # fmt: skip
             with self.attacking(model):
                 x = attack(x_noise, y)
         return self.train_on(model, x, y)
