@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps "torchattacks==3.5.1"  # peer for tests; --no-deps: its torchvision pin would pull CUDA torch
+	$(BIN)/python -m pip install -q --no-deps "pyautoattack==0.2.0"  # AutoAttack, the reference of benchmarks/bench_standard.py
 	$(BIN)/python -m pip install -q --no-deps "imagecorruptions-imaug==1.1.5"  # reference for the corruption tests; --no-deps: it pins opencv-python (GUI, needs libGL), the headless build comes with .[dev]
 	@rm -f $(VENV)/.installed-* && touch $@
 

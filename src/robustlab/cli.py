@@ -645,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument(
         "--attacks",
-        help="comma-separated attacks or suites: quick, standard, pgd, apgd-ce, "
+        help="comma-separated attacks or suites: quick, standard, fast, pgd, apgd-ce, "
         "apgd-t, square, ... with options as pgd:steps=40:restarts=5 (default: quick)",
     )
     p.add_argument(
