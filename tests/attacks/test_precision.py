@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustlab.attacks import APGD, FGSM, PGD, DeepFool, Square, base
+from robustlab.attacks import APGD, CW, FGSM, PGD, DeepFool, Square, base
 from robustlab.attacks.base import AttackError
 
 
@@ -86,6 +86,8 @@ def test_auto_precision_only_where_it_was_measured(monkeypatch):
     assert PGD(conv, eps=0.1)._reduced_dtype(x) == torch.bfloat16
     assert PGD(conv, eps=0.1, precision="fp32")._reduced_dtype(x) is None
     assert PGD(conv, eps=0.1, model_mode="train")._reduced_dtype(x) is None
+    assert DeepFool(conv)._reduced_dtype(x) is None  # boundary distances: fp32
+    assert CW(conv)._reduced_dtype(x) is None
     assert PGD(conv.double(), eps=0.1)._reduced_dtype(x.double()) is None
     assert PGD(lambda t: t.flatten(1)[:, :3], eps=0.1)._reduced_dtype(x) is None
     monkeypatch.setattr(base, "_CPU_BF16", False)

@@ -287,7 +287,9 @@ class Attack:
         precision: arithmetic of the model's passes during the attack: ``"fp32"``;
             ``"bf16"`` (autocast; CPU or CUDA); ``"fp16"`` (autocast, CUDA only); ``"auto"``
             (default): bf16 on CPUs with native bf16 units (AVX512-BF16 or AMX) for a
-            float32 model in eval mode, where it was measured faster and as strong
+            float32 model in eval mode and an attack with a budget (minimum-norm attacks,
+            which measure distances to the boundary, stay in fp32), where it was measured
+            faster and as strong
             (BENCHMARKS.md), else fp32. Success is always decided in fp32: every point a
             reduced-precision pass calls fooled is confirmed by an fp32 pass before it
             counts (or stops an early-stopping attack), and :meth:`run` judges the
@@ -542,8 +544,9 @@ class Attack:
                 raise AttackError(f"precision='bf16' needs a CPU or CUDA device, got {x.device}")
             return torch.bfloat16
         params = list(self.model.parameters()) if isinstance(self.model, nn.Module) else []
-        auto = (
-            x.device.type == "cpu" and cpu_has_bf16() and self.model_mode == "eval"
+        auto = (  # minimum-norm attacks measure distances to the boundary: fp32
+            not self.minimum_norm
+            and x.device.type == "cpu" and cpu_has_bf16() and self.model_mode == "eval"
             and x.dtype == torch.float32 and all(p.dtype == torch.float32 for p in params)
             and any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in self.model.modules())
         ) if isinstance(self.model, nn.Module) else False  # fmt: skip
