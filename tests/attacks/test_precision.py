@@ -47,10 +47,9 @@ def test_the_model_ties_in_bf16_and_not_in_fp32():
 
 def test_a_bf16_false_success_is_not_reported():
     model = near_tie()
-    for attack in (  # none can move; FGSM and DeepFool leave the judging to the base class
+    for attack in (  # neither can move; FGSM leaves the judging to the base class
         PGD(model, eps=0.0, steps=3, precision="bf16"),
         FGSM(model, eps=0.0, precision="bf16"),
-        DeepFool(model, steps=3, precision="bf16"),
     ):
         assert not attack.run(X, Y).success.any(), type(attack).__name__
 
@@ -88,6 +87,7 @@ def test_auto_precision_only_where_it_was_measured(monkeypatch):
     assert PGD(conv, eps=0.1, model_mode="train")._reduced_dtype(x) is None
     assert DeepFool(conv)._reduced_dtype(x) is None  # boundary distances: fp32
     assert CW(conv)._reduced_dtype(x) is None
+    assert Square(conv, eps=0.1)._reduced_dtype(x) is None  # close losses compared: fp32
     assert PGD(conv.double(), eps=0.1)._reduced_dtype(x.double()) is None
     assert PGD(lambda t: t.flatten(1)[:, :3], eps=0.1)._reduced_dtype(x) is None
     monkeypatch.setattr(base, "_CPU_BF16", False)
@@ -102,6 +102,9 @@ def test_precision_is_checked():
         PGD(model, eps=0.1, precision="fp16")(X, Y)
     with pytest.raises(AttackError, match="model_mode='eval'"):
         PGD(model, eps=0.1, precision="bf16", model_mode="train")
+    for minimum_norm in (DeepFool, CW):  # the distance to the boundary is the answer
+        with pytest.raises(AttackError, match="smallest perturbation"):
+            minimum_norm(model, precision="bf16")
 
 
 def test_the_model_and_the_input_layout_are_left_as_they_were():

@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--state")
     p.add_argument("--die-after", type=int, default=0)
+    p.add_argument("--fail-after", type=int, default=0)
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -50,6 +51,8 @@ def main() -> None:
     def logged(ctx, spec, e, idx, seed):
         if args.die_after and rank == 1 and len(ran) == args.die_after:
             os._exit(3)  # killed between batches, its K finished ones recorded
+        if args.fail_after and rank == 1 and len(ran) == args.fail_after:
+            raise ValueError("planted failure on rank 1")
         ran.append([spec.label, e, int(idx[0])])
         return run_batch(ctx, spec, e, idx, seed)
 

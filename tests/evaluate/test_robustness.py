@@ -171,3 +171,34 @@ def test_stage_cost_counts_the_passes_the_attack_made():
     assert stage.gradients == 3 * 40
     assert stage.forwards == 40 + 3  # 3 batches: 16, 16, 8
     assert "where the time went" in report.table() and "120 gradient" in report.table()
+
+
+class Noisy(nn.Module):
+    """A randomized model: logits plus noise from torch's global generator."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 3)
+
+    def forward(self, x):
+        z = self.lin(x.flatten(1))
+        return z + 0.5 * torch.randn_like(z)
+
+
+def test_validity_checks_do_not_depend_on_what_ran_before():
+    """A sharded process reaches the checks with its generator wherever its last batch
+    left it; the checks are seeded, so every layout checks the same way."""
+    robustness = importlib.import_module("robustlab.evaluate.robustness")
+    torch.manual_seed(0)
+    model = Noisy().eval()
+    data = rl.ImageDataset(torch.rand(40, 1, 4, 4), torch.randint(0, 3, (40,)), num_classes=3)
+    report = evaluate(model, data, attacks=["fgsm"], eps=[0.1], checks=False, fast=False)
+    tables = []
+    for before in (1, 2, 3):
+        torch.manual_seed(before)
+        torch.rand(before * 7)  # a different generator state each time
+        found = robustness._validity(model, data, report, [0.1], "linf", 16,
+                                     torch.device("cpu"), seed=0)  # fmt: skip
+        tables.append(found.table())
+    assert tables[0] == tables[1] == tables[2]
+    assert "noise" in tables[0]

@@ -99,6 +99,33 @@ def test_an_interrupted_sharded_evaluation_resumes_where_each_process_stopped(tm
 
 
 @needs_torchrun
+def test_a_job_killed_with_two_processes_resumes_alone_without_redoing_their_work(tmp_path):
+    ref_out, out, state = tmp_path / "ref", tmp_path / "job", tmp_path / "state.json"
+    assert _job(ref_out, 1).returncode == 0
+    ref = _read(ref_out, 0)
+    assert _job(out, 2, "--state", str(state), "--die-after", "5").returncode != 0
+    record = json.loads(Path(f"{state}.rank1").read_text())
+    ei, ai = (int(i) for i in record["stage"].split("/"))
+    label, eps = ref["report"]["attacks"][ai], ref["report"]["results"][ei]["eps"]
+    in_order = [tuple(b) for b in ref["ran"] if b[:2] == [label, eps]]
+    finished_by_1 = {in_order[int(start) // 16] for start in record["batches"]}
+    alone = _job(out, 1, "--state", str(state))  # one process reads rank 1's record too
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    got = _read(out, 0)
+    assert got["report"] == ref["report"] and got["masks"] == ref["masks"]
+    assert finished_by_1 and not {tuple(b) for b in got["ran"]} & finished_by_1
+    assert not list(tmp_path.glob("state.json.rank*"))  # rank 0 cleared the records
+
+
+@needs_torchrun
+def test_an_error_on_one_process_stops_every_process_with_its_reason(tmp_path):
+    failed = _job(tmp_path / "job", 2, "--fail-after", "3")
+    assert failed.returncode != 0
+    assert "planted failure on rank 1" in failed.stderr
+    assert "process 1 failed with ValueError" in failed.stderr  # rank 0 says why it stopped
+
+
+@needs_torchrun
 def test_robustlab_eval_under_torchrun_writes_the_single_process_eval_json(tiny_config, tmp_path):
     from robustlab.config import dump_config
 

@@ -200,7 +200,7 @@ class APGDT(APGD):
         self.n_target_classes = n_target_classes
 
     def _perturb(self, x, y, target, need_success):
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # fp32 targets
             order = self.logits(x).argsort(1, descending=True)
         k = order.shape[1]
         out = x.clone()

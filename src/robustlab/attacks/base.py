@@ -287,9 +287,10 @@ class Attack:
         precision: arithmetic of the model's passes during the attack: ``"fp32"``;
             ``"bf16"`` (autocast; CPU or CUDA); ``"fp16"`` (autocast, CUDA only); ``"auto"``
             (default): bf16 on CPUs with native bf16 units (AVX512-BF16 or AMX) for a
-            float32 model in eval mode and an attack with a budget (minimum-norm attacks,
-            which measure distances to the boundary, stay in fp32), where it was measured
-            faster and as strong
+            float32 model in eval mode and a gradient attack with a budget (minimum-norm
+            attacks measure distances to the boundary and gradient-free ones compare close
+            losses, where bf16 was measured weaker: they stay in fp32, and minimum-norm
+            ones refuse reduced precision), where it was measured faster and as strong
             (BENCHMARKS.md), else fp32. Success is always decided in fp32: every point a
             reduced-precision pass calls fooled is confirmed by an fp32 pass before it
             counts (or stops an early-stopping attack), and :meth:`run` judges the
@@ -349,6 +350,11 @@ class Attack:
             raise AttackError(
                 f"precision={precision!r} needs model_mode='eval': success is confirmed in "
                 "fp32 on the points in question, which batch norm in train mode would change"
+            )
+        if precision in ("bf16", "fp16") and self.minimum_norm:
+            raise AttackError(
+                f"{self.name} finds the smallest perturbation, a distance bf16/fp16 rounding "
+                "would decide: it runs in fp32 (precision='fp32' or 'auto')"
             )
         if channels_last not in (None, True, False):
             raise AttackError(f"channels_last must be True, False or None, got {channels_last!r}")
@@ -544,8 +550,11 @@ class Attack:
                 raise AttackError(f"precision='bf16' needs a CPU or CUDA device, got {x.device}")
             return torch.bfloat16
         params = list(self.model.parameters()) if isinstance(self.model, nn.Module) else []
-        auto = (  # minimum-norm attacks measure distances to the boundary: fp32
-            not self.minimum_norm
+        # fp32 where bf16 was measured weaker: minimum-norm attacks measure distances to
+        # the boundary, and gradient-free ones (Square) compare losses whose differences
+        # bf16 rounds away (fewer points broken at equal queries)
+        auto = (
+            not self.minimum_norm and self.uses_gradients
             and x.device.type == "cpu" and cpu_has_bf16() and self.model_mode == "eval"
             and x.dtype == torch.float32 and all(p.dtype == torch.float32 for p in params)
             and any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in self.model.modules())

@@ -16,6 +16,7 @@ where it stopped (the state is rewritten atomically after every batch).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from robustlab.attacks import ATTACKS, Attack
-from robustlab.attacks.base import attack_options
+from robustlab.attacks.base import attack_options, cpu_has_bf16
 from robustlab.attacks.fast import fast_model
 from robustlab.data.base import ImageDataset, to_float
 from robustlab.data.loader import batch_seed
@@ -61,8 +62,10 @@ SUITES: dict[str, list[str]] = {
     "quick": ["pgd:steps=20:restarts=3", "pgd-margin:steps=20"],
     # AutoAttack's gradient attacks with APGD-T on the 3 most likely wrong classes (as the
     # MM attack, Gao et al. 2022): AutoAttack's robust accuracy within a point on the
-    # models in BENCHMARKS.md at 1/23-1/34 of its time; no gradient-free attack, so keep
-    # the validity checks on (their Square run flags masked gradients).
+    # models in BENCHMARKS.md in a small fraction of its time. No gradient-free attack:
+    # masked gradients that only Square would expose go unseen (the validity checks still
+    # look for zero gradients, saturation and noise beating the attacks); publish with
+    # ``standard``.
     "fast": ["apgd-ce", "apgd-t:n_target_classes=3"],
 }
 
@@ -261,7 +264,17 @@ def _settings(
         "attack_options": json.dumps(common, sort_keys=True, default=str),
         "fast": fast,
         "format": 2,  # per-batch records (states of earlier versions start afresh)
+        "robustlab": _version(),
+        # what precision="auto" resolves to here: a state is not resumed across machines
+        # (or merged across processes) that would compute its batches differently
+        "cpu_bf16": cpu_has_bf16(),
     }
+
+
+def _version() -> str:
+    from robustlab import __version__
+
+    return __version__
 
 
 def _signature(settings: dict[str, Any]) -> str:
@@ -414,13 +427,17 @@ def evaluate(
     with preserve_modes(model, training=False), preserve_modes(source, training=False):
         report = _evaluate(
             model, data, specs, eps_list, norm, batch_size, seed, state_file, dev, progress,
-            attack_options or {}, fast, fast_model(source, example) if fast else source,
+            attack_options or {}, fast,
+            # sharded: the layout by rule, not by timing (every process attacks one function)
+            fast_model(source, example if shard.world == 1 else None) if fast else source,
             scorer=model if transfer_from is not None else None,
             rescore_draws=rescore_draws, eot_draws=eot_samples, shard=shard,
         )  # fmt: skip
     if checks:
-        report.validity = _validity(
-            model, data, report, eps_list, norm, batch_size, dev, seed, full=checks == "full"
+        report.validity = shard.from_main(  # one process checks, every process gets it
+            lambda: _validity(
+                model, data, report, eps_list, norm, batch_size, dev, seed, full=checks == "full"
+            )
         )
         for c in report.validity.flagged:
             log.warning(c.line())
@@ -448,7 +465,14 @@ _NOTED_UNSHARDED = False
 
 def _validity(model, data, report, eps_list, norm, batch_size, dev, seed, full=False):
     """The validity checks of an evaluation: model checks on the first 32 points, report
-    checks (noise versus attacks under L-inf only: sign noise is an L-inf direction)."""
+    checks (noise versus attacks under L-inf only: sign noise is an L-inf direction).
+    Seeded, so that a randomized model's checks do not depend on what ran before."""
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _validity_checks(model, data, report, eps_list, norm, batch_size, dev, seed, full)
+
+
+def _validity_checks(model, data, report, eps_list, norm, batch_size, dev, seed, full):
     from robustlab.evaluate.checks import (
         ValidityReport,
         costly_checks,
@@ -643,11 +667,14 @@ class _State:
         data.setdefault("majority", {})
         self.path = path if path is None or shard.is_main else _rank_path(path, shard.rank)
         self.own: dict[str, Any] = {}  #: a non-zero rank's record: {stage, targets, batches}
-        if self.path is not None and not shard.is_main and self.path.is_file():
-            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
-                own = json.loads(self.path.read_text())
-                if isinstance(own, dict) and own.get("signature") == data["signature"]:
-                    self.own = own
+        if self.path is not None and not shard.is_main:
+            self.own = _rank_record(self.path, data["signature"])
+        elif self.path is not None:  # rank 0 (or alone): every rank record it can see counts
+            for rank_file in self._rank_files():
+                record = _rank_record(rank_file, data["signature"])
+                stage = data["stages"].get(record.get("stage", ""))
+                if stage and not stage["done"] and _digest(stage["targets"]) == record["targets"]:
+                    stage.setdefault("batches", {}).update(record["batches"])
 
     def stage(self, key: str) -> dict[str, Any]:
         return self.data["stages"].get(key, {"done": False})
@@ -691,15 +718,37 @@ class _State:
             self._write(self.data)
 
     def finished(self) -> None:
-        """The evaluation is complete: a non-zero rank's batch record is not needed."""
-        if self.path is not None and not self.shard.is_main:
-            self.path.unlink(missing_ok=True)
+        """The evaluation is complete: the ranks' batch records are not needed (rank 0
+        removes every one it can see, stale ones of earlier jobs too)."""
+        if self.path is None:
+            return
+        for rank_file in [self.path] if not self.shard.is_main else self._rank_files():
+            rank_file.unlink(missing_ok=True)
+
+    def _rank_files(self) -> list[Path]:
+        assert self.path is not None
+        return [
+            f for f in self.path.parent.glob(f"{glob.escape(self.path.name)}.rank*")
+            if f.name[len(self.path.name) + 5 :].isdigit()
+        ]  # fmt: skip
 
     def _write(self, data: dict[str, Any]) -> None:
         if self.path is not None:
             from robustlab.io import write_json
 
             write_json(self.path, data)
+
+
+def _rank_record(path: Path, signature: str) -> dict[str, Any]:
+    """A rank's record of its unfinished batches, if written for this evaluation."""
+    if not path.is_file():
+        return {}
+    with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, OSError):
+        record = json.loads(path.read_text())
+        keys = {"signature", "stage", "targets", "batches"}
+        if isinstance(record, dict) and keys <= set(record) and record["signature"] == signature:
+            return record
+    return {}
 
 
 def _rank_path(path: Path, rank: int) -> Path:
@@ -769,12 +818,26 @@ def _run_stage(
         todo_starts = [s for k, s in enumerate(starts) if ctx.shard.mine(k) and str(s) not in done]
         bar = tqdm(todo_starts, desc=f"eps {e:g} {spec.label}", leave=False,
                    disable=None if ctx.progress is None else not ctx.progress)  # fmt: skip
-        for start in bar:
-            done[str(start)] = _run_batch(ctx, spec, e, targets[start : start + ctx.batch_size],
-                                          batch_seed(ctx.seed, ei, ai, start))  # fmt: skip
-            store.save_batch(key, stage, done)
+        failure: Exception | None = None
+        try:
+            for start in bar:
+                done[str(start)] = _run_batch(ctx, spec, e, targets[start : start + ctx.batch_size],
+                                              batch_seed(ctx.seed, ei, ai, start))  # fmt: skip
+                store.save_batch(key, stage, done)
+        except Exception as err:  # sharded: every process hears of it at the exchange
+            if ctx.shard.world == 1:
+                raise
+            failure = err
+        parts = ctx.shard.gather((None if failure is None else repr(failure), done))
+        failed = [(rank, why) for rank, (why, _) in enumerate(parts) if why is not None]
+        if failure is not None:
+            raise failure
+        if failed:
+            raise RuntimeError(
+                f"stage {key} stopped: process {failed[0][0]} failed with {failed[0][1]}"
+            )
         merged: dict[str, Any] = {}
-        for part in ctx.shard.gather(done):
+        for _, part in parts:
             merged.update(part)
         if set(merged) != {str(s) for s in starts}:  # every batch is somebody's
             raise RuntimeError(f"stage {key}: batches missing after the exchange")
@@ -809,14 +872,16 @@ def _run_batch(
     x = to_float(ctx.x_all[idx]).to(ctx.dev)
     y = ctx.y_all[idx].to(ctx.dev)
     result = attack.run(x, y)
+    rescored = 0
     if ctx.scorer is None and ctx.draws == 1:
         broken_any = broken_majority = result.success.cpu()
     else:  # transfer, or a randomized model: score on the evaluated model
         judge = ctx.scorer if ctx.scorer is not None else ctx.model
         broken_any, broken_majority = _score(judge, result.x_adv, y, ctx.draws)
+        rescored = ctx.draws * len(idx)
     return {
         "any": idx[broken_any].tolist(), "majority": idx[broken_majority].tolist(),
-        "seconds": time.perf_counter() - t0, "forwards": attack.passes["forward"],
+        "seconds": time.perf_counter() - t0, "forwards": attack.passes["forward"] + rescored,
         "gradients": attack.passes["gradient"],
     }  # fmt: skip
 
