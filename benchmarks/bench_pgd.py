@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import robustlab as rl
 from robustlab.attacks import PGD, fast_model
+from robustlab.io import load_run_data
 
 
 def cpu_name() -> str:
@@ -57,11 +58,7 @@ def build(args):
         )
     model = model.eval().to(args.device)
     if args.run:
-        with open(f"{args.run}/meta.json") as fh:
-            meta = json.load(fh)["data"]
-        test = rl.load_dataset(
-            meta["name"], "test", meta.get("root"), **(meta.get("options") or {})
-        )
+        test, _ = load_run_data(args.run)
         x, y = test.float_images()[: args.batch], test.y[: args.batch]
         if len(x) < args.batch:
             raise SystemExit(f"the test split has {len(x)} images, fewer than --batch")

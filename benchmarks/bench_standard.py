@@ -23,6 +23,7 @@ import torch
 from bench_pgd import cpu_name  # benchmarks/ is on the path when run as a script
 
 import robustlab as rl
+from robustlab.io import load_run_data
 
 
 def run_autoattack(model, x, y, eps, batch):
@@ -74,11 +75,7 @@ def main() -> None:
         run, eps = case.rsplit(":", 1)
         eps = float(eps)
         model = rl.load(run).eval()
-        with open(f"{run}/meta.json") as fh:
-            meta = json.load(fh)["data"]
-            test = rl.load_dataset(
-                meta["name"], "test", meta.get("root"), **(meta.get("options") or {})
-            )
+        test, _ = load_run_data(run)
         data = test.subset(args.n)
         x, y = data.float_images(), data.y
         times: dict[str, list[float]] = {}

@@ -11,12 +11,12 @@ both cases (the attack's own result, confirmed).
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 import robustlab as rl
 from robustlab.attacks import Square
+from robustlab.io import load_run_data
 
 
 def main() -> None:
@@ -29,11 +29,7 @@ def main() -> None:
     for case in args.run:
         run, eps = case.rsplit(":", 1)
         model = rl.load(run).eval()
-        with open(f"{run}/meta.json") as fh:
-            meta = json.load(fh)["data"]
-        test = rl.load_dataset(
-            meta["name"], "test", meta.get("root"), **(meta.get("options") or {})
-        )
+        test, _ = load_run_data(run)
         x, y = test.float_images(), test.y
         with torch.no_grad():
             ok = model(x).argmax(1) == y

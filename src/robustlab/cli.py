@@ -24,6 +24,7 @@ from pathlib import Path
 
 from robustlab import __version__
 from robustlab.errors import ConfigError
+from robustlab.io import load_run_data
 
 log = logging.getLogger("robustlab")
 
@@ -66,27 +67,6 @@ def _split_floats(text: str | None, what: str = "--eps") -> list[float]:
     return [parse_number(v, what) for v in text.split(",") if v.strip()]
 
 
-def _load_run_data(run: Path, split: str, n: int):
-    from robustlab.data import load_dataset
-    from robustlab.io import Run
-
-    meta = Run(run).require().meta_section("data", "name")
-    data = load_dataset(meta["name"], split, meta.get("root"), **(meta.get("options") or {}))
-    trained = meta.get("classes")
-    if trained is not None and data.classes is not None and list(data.classes) != trained:
-        raise ConfigError(
-            f"the {split} split's classes {list(data.classes)} differ from those the run was "
-            f"trained on {trained}: the data set changed since training"
-        )
-    if n < 0:
-        raise ConfigError(f"--n must be >= 0 (0: all images), got {n}")
-    if n > len(data):
-        raise ConfigError(
-            f"--n {n} asks for more images than {meta['name']} {split} has ({len(data)})"
-        )
-    return (data.subset(n) if n else data), meta["name"]
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     """``robustlab eval``; under torchrun the points are sharded over the processes
     (rank 0 prints and writes, every rank attacks its share)."""
@@ -125,7 +105,7 @@ def _eval(args: argparse.Namespace, dist) -> int:
     if teacher is not None and not eps:
         raise ConfigError("--teacher needs --eps (the budgets to attack both models at)")
     model = _defended(load(run.path, device=_device(args.device)), args.defense)
-    data, name = _load_run_data(run.path, args.split, args.n)
+    data, name = load_run_data(run.path, args.split, args.n)
     result: dict = {"split": args.split, "n": len(data)}
     baseline = _corruption_baseline(args, name) if args.corruptions else None
     checks = {"cheap": True, "full": "full", "off": False}[args.checks]
@@ -296,7 +276,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     if args.fpr is None or not 0 < args.fpr < 1:
         raise ConfigError(f"--fpr must be in (0, 1), got {args.fpr}")
     model = load(run.path, device=_device(args.device))
-    data, name = _load_run_data(run.path, args.split, 0)
+    data, name = load_run_data(run.path, args.split, 0)
     if args.fit_n < 1 or args.n < 0:
         raise ConfigError(f"--fit-n must be >= 1 and --n >= 0, got {args.fit_n} and {args.n}")
     n = args.n or max(0, len(data) - args.fit_n)
@@ -340,7 +320,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     existing = [str(p) for p in (out, png) if p.exists()]
     if existing and not args.overwrite:
         raise ConfigError(f"{', '.join(existing)} exists; pass --overwrite to replace it")
-    data, name = _load_run_data(runs[0].path, args.split, args.n)
+    data, name = load_run_data(runs[0].path, args.split, args.n)
     for run in runs[1:]:
         other = run.meta_section("data", "name")["name"]
         if other != name:
@@ -356,7 +336,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
                 "--universal fits on the train split: evaluate on --split test, not the "
                 "points the perturbation was fitted on"
             )
-        universal, _ = _load_run_data(runs[0].path, "train", args.universal)
+        universal, _ = load_run_data(runs[0].path, "train", args.universal)
     matrix = transfer_matrix(
         models, data, attacks=attacks, eps=eps, norm=args.norm, seed=args.seed,
         batch_size=args.batch_size, universal=universal,
@@ -421,7 +401,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     columns = []
     for run in runs:
         model = load(run.path, device=_device(args.device))
-        data, name = _load_run_data(run.path, args.split, args.n)
+        data, name = load_run_data(run.path, args.split, args.n)
         with run.lock("comparison"):
             report = evaluate(
                 model, data, attacks=attacks, eps=eps, norm=args.norm,
@@ -463,7 +443,7 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     run = Run(args.run).require()
     radii = _split_floats(args.radii, "--radii")
     model = load(run.path, device=_device(args.device))
-    data, name = _load_run_data(run.path, args.split, args.n)
+    data, name = load_run_data(run.path, args.split, args.n)
     with run.lock("certification"):
         bound = lipschitz_bound(model, data.shape, method=args.method)
         print(f"run             {run.path}")
@@ -518,7 +498,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
             "or choose another --out"
         )
     model = load(run.path, device=_device(args.device))
-    data, _ = _load_run_data(run.path, args.split, args.n)
+    data, _ = load_run_data(run.path, args.split, args.n)
     device = next(model.parameters()).device
     x, y = to_float(data.x).to(device), data.y.to(device)
     torch.manual_seed(args.seed)

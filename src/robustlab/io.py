@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from robustlab.errors import CheckpointError, RobustlabError
+from robustlab.errors import CheckpointError, ConfigError, RobustlabError
 
 log = logging.getLogger(__name__)
 
@@ -595,3 +595,25 @@ class Run:
             p.unlink()
         kept = sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE and p not in owned)
         return kept
+
+
+def load_run_data(run: str | Path, split: str = "test", n: int = 0) -> tuple[Any, str]:
+    """The data set a run was trained on (its ``split``, the first ``n`` images; 0: all)
+    and its name, checked to have the classes the run was trained with."""
+    from robustlab.data import load_dataset
+
+    meta = Run(run).require().meta_section("data", "name")
+    data = load_dataset(meta["name"], split, meta.get("root"), **(meta.get("options") or {}))
+    trained = meta.get("classes")
+    if trained is not None and data.classes is not None and list(data.classes) != trained:
+        raise ConfigError(
+            f"the {split} split's classes {list(data.classes)} differ from those the run was "
+            f"trained on {trained}: the data set changed since training"
+        )
+    if n < 0:
+        raise ConfigError(f"--n must be >= 0 (0: all images), got {n}")
+    if n > len(data):
+        raise ConfigError(
+            f"--n {n} asks for more images than {meta['name']} {split} has ({len(data)})"
+        )
+    return (data.subset(n) if n else data), meta["name"]

@@ -40,6 +40,15 @@ def _read(out: Path, rank: int) -> dict:
     return json.loads(Path(f"{out}.rank{rank}.json").read_text())
 
 
+def _batches_of(record: dict, ref: dict) -> set[tuple]:
+    """The batches a rank record holds, as the single-process run logged them
+    (label, eps, first point): alone, a stage's batches run in position order."""
+    ei, ai = (int(i) for i in record["stage"].split("/"))
+    label, eps = ref["report"]["attacks"][ai], ref["report"]["results"][ei]["eps"]
+    in_order = [tuple(b) for b in ref["ran"] if b[:2] == [label, eps]]
+    return {in_order[int(start) // 16] for start in record["batches"]}  # batch size 16
+
+
 @needs_torchrun
 def test_two_processes_give_the_single_process_report_each_doing_half(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
@@ -76,10 +85,7 @@ def test_an_interrupted_sharded_evaluation_resumes_where_each_process_stopped(tm
     record = json.loads(Path(f"{state}.rank1").read_text())
     assert record["batches"]  # rank 1's finished batches of the running stage are on disk
     assert not json.loads(state.read_text())["stages"].get(record["stage"], {}).get("done")
-    ei, ai = (int(i) for i in record["stage"].split("/"))
-    label, eps = ref["report"]["attacks"][ai], ref["report"]["results"][ei]["eps"]
-    in_order = [tuple(b) for b in ref["ran"] if b[:2] == [label, eps]]  # alone: by position
-    finished_by_1 = {in_order[int(start) // 16] for start in record["batches"]}  # batch size
+    finished_by_1 = _batches_of(record, ref)
     again = _job(out, 2, "--state", str(state))
     assert again.returncode == 0, again.stderr[-3000:]
     for rank in (0, 1):
@@ -104,11 +110,7 @@ def test_a_job_killed_with_two_processes_resumes_alone_without_redoing_their_wor
     assert _job(ref_out, 1).returncode == 0
     ref = _read(ref_out, 0)
     assert _job(out, 2, "--state", str(state), "--die-after", "5").returncode != 0
-    record = json.loads(Path(f"{state}.rank1").read_text())
-    ei, ai = (int(i) for i in record["stage"].split("/"))
-    label, eps = ref["report"]["attacks"][ai], ref["report"]["results"][ei]["eps"]
-    in_order = [tuple(b) for b in ref["ran"] if b[:2] == [label, eps]]
-    finished_by_1 = {in_order[int(start) // 16] for start in record["batches"]}
+    finished_by_1 = _batches_of(json.loads(Path(f"{state}.rank1").read_text()), ref)
     alone = _job(out, 1, "--state", str(state))  # one process reads rank 1's record too
     assert alone.returncode == 0, alone.stderr[-3000:]
     got = _read(out, 0)

@@ -549,16 +549,18 @@ class Attack:
             if x.device.type not in ("cpu", "cuda"):
                 raise AttackError(f"precision='bf16' needs a CPU or CUDA device, got {x.device}")
             return torch.bfloat16
-        params = list(self.model.parameters()) if isinstance(self.model, nn.Module) else []
+        if not isinstance(self.model, nn.Module):
+            return None
         # fp32 where bf16 was measured weaker: minimum-norm attacks measure distances to
         # the boundary, and gradient-free ones (Square) compare losses whose differences
         # bf16 rounds away (fewer points broken at equal queries)
         auto = (
             not self.minimum_norm and self.uses_gradients
             and x.device.type == "cpu" and cpu_has_bf16() and self.model_mode == "eval"
-            and x.dtype == torch.float32 and all(p.dtype == torch.float32 for p in params)
+            and x.dtype == torch.float32
+            and all(p.dtype == torch.float32 for p in self.model.parameters())
             and any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in self.model.modules())
-        ) if isinstance(self.model, nn.Module) else False  # fmt: skip
+        )  # fmt: skip
         return torch.bfloat16 if auto else None
 
     def _wants_channels_last(self, x: torch.Tensor, reduced: torch.dtype | None) -> bool:
